@@ -1,0 +1,183 @@
+"""Genotype: one DARTS cell architecture (normal + reduce), its JSON form and its integer encoding."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hwnas.config import DEFAULT_MACRO, MacroConfig
+from hwnas.space.ops import GENOTYPE_OPS
+
+SCHEMA_VERSION = 1
+SPACE_NAME = "darts-cell"
+STEPS = 4  # intermediate nodes per cell
+PAIRS_PER_CELL = 2 * STEPS
+CELL_TYPES = ("normal", "reduce")
+
+Pair = tuple[str, int]
+
+
+def _check_cell(cell_type: str, cell: Any) -> tuple[Pair, ...]:
+    """Validate one cell's list of (op, input) pairs; errors name the bad position."""
+    if not isinstance(cell, (list, tuple)):
+        raise ValueError(f"{cell_type}: expected a list of {PAIRS_PER_CELL} [op, input] pairs, got {type(cell).__name__}")
+    if len(cell) != PAIRS_PER_CELL:
+        raise ValueError(f"{cell_type}: expected {PAIRS_PER_CELL} [op, input] pairs (2 per node), got {len(cell)}")
+    pairs: list[Pair] = []
+    for k, pair in enumerate(cell):
+        where = f"{cell_type}[{k}] (node {k // 2})"
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"{where}: expected [op, input], got {pair!r}")
+        op, inp = pair
+        if op not in GENOTYPE_OPS:
+            raise ValueError(f"{where}: unknown op {op!r}; allowed: {', '.join(GENOTYPE_OPS)}")
+        if not isinstance(inp, (int, np.integer)) or isinstance(inp, bool):
+            raise ValueError(f"{where}: input must be an integer, got {inp!r}")
+        node = k // 2
+        if not 0 <= inp < node + 2:
+            raise ValueError(f"{where}: input {inp} out of range; node {node} takes inputs 0..{node + 1}")
+        pairs.append((str(op), int(inp)))
+    for node in range(STEPS):
+        a, b = pairs[2 * node], pairs[2 * node + 1]
+        if a[1] == b[1]:
+            raise ValueError(f"{cell_type} node {node}: both pairs read input {a[1]}; a node needs two distinct inputs")
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """A cell architecture: 8 (op, input) pairs for the normal and the reduction cell, plus its macro."""
+
+    normal: tuple[Pair, ...]
+    reduce: tuple[Pair, ...]
+    macro: MacroConfig = field(default=DEFAULT_MACRO)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "normal", _check_cell("normal", self.normal))
+        object.__setattr__(self, "reduce", _check_cell("reduce", self.reduce))
+        if not isinstance(self.macro, MacroConfig):
+            raise ValueError(f"macro must be a MacroConfig, got {type(self.macro).__name__}")
+
+    @property
+    def arch_id(self) -> str:
+        """Stable 16-hex-digit id; the two pairs of a node are unordered, so they are sorted first."""
+        canon = {t: [sorted(getattr(self, t)[2 * n : 2 * n + 2]) for n in range(STEPS)] for t in CELL_TYPES}
+        canon["macro"] = self.macro.to_dict()  # type: ignore[assignment]
+        blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The architecture JSON object of DESIGN.md."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "space": SPACE_NAME,
+            "normal": [[op, inp] for op, inp in self.normal],
+            "reduce": [[op, inp] for op, inp in self.reduce],
+            "macro": self.macro.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Genotype":
+        """Parse and validate an architecture object; errors name the bad field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"architecture must be a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version: expected {SCHEMA_VERSION}, got {version!r}")
+        space = data.get("space", SPACE_NAME)
+        if space != SPACE_NAME:
+            raise ValueError(f"space: expected {SPACE_NAME!r}, got {space!r}")
+        for key in CELL_TYPES:
+            if key not in data:
+                raise ValueError(f"missing field {key!r}")
+        macro = MacroConfig.from_dict(data["macro"]) if "macro" in data else DEFAULT_MACRO
+        return cls(normal=data["normal"], reduce=data["reduce"], macro=macro)
+
+    def save(self, path: str | Path) -> None:
+        """Write the architecture JSON file."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Genotype":
+        """Read an architecture JSON file; errors name the file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such architecture file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+class SearchSpace:
+    """Integer encoding of genotypes for search: per node (op_a, in_a, op_b, in_b), normal cell first."""
+
+    name = SPACE_NAME
+    n_var = 2 * STEPS * 4
+
+    def __init__(self, macro: MacroConfig = DEFAULT_MACRO) -> None:
+        self.macro = macro
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Inclusive lower and upper bounds of every variable."""
+        xl = np.zeros(self.n_var, dtype=int)
+        xu = np.zeros(self.n_var, dtype=int)
+        for cell in range(2):
+            for node in range(STEPS):
+                base = cell * 4 * STEPS + 4 * node
+                xu[base : base + 4] = [len(GENOTYPE_OPS) - 1, node + 1, len(GENOTYPE_OPS) - 1, node + 1]
+        return xl, xu
+
+    def encode(self, genotype: Genotype) -> np.ndarray:
+        """Genotype -> integer vector of length n_var."""
+        x = []
+        for cell in (genotype.normal, genotype.reduce):
+            for op, inp in cell:
+                x += [GENOTYPE_OPS.index(op), inp]
+        return np.asarray(x, dtype=int)
+
+    def decode(self, x: Sequence[int] | np.ndarray) -> Genotype:
+        """Integer vector -> Genotype; raises ValueError naming the bad position."""
+        x = np.asarray(x)
+        if x.shape != (self.n_var,):
+            raise ValueError(f"encoding must have shape ({self.n_var},), got {x.shape}")
+        if not np.all(np.equal(np.mod(x, 1), 0)):
+            raise ValueError("encoding must hold integers")
+        xl, xu = self.bounds()
+        bad = np.flatnonzero((x < xl) | (x > xu))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"encoding position {i} = {x[i]} is outside [{xl[i]}, {xu[i]}]")
+        cells = []
+        for cell in range(2):
+            part = x[cell * 4 * STEPS : (cell + 1) * 4 * STEPS].astype(int)
+            cells.append([(GENOTYPE_OPS[part[2 * k]], int(part[2 * k + 1])) for k in range(PAIRS_PER_CELL)])
+        return Genotype(normal=tuple(cells[0]), reduce=tuple(cells[1]), macro=self.macro)
+
+    def repair(self, x: np.ndarray) -> np.ndarray:
+        """Clip into bounds and give each node two distinct inputs (the second moves to the next free one)."""
+        xl, xu = self.bounds()
+        x = np.clip(np.rint(np.asarray(x)), xl, xu).astype(int)
+        for cell in range(2):
+            for node in range(STEPS):
+                base = cell * 4 * STEPS + 4 * node
+                if x[base + 1] == x[base + 3]:
+                    x[base + 3] = (x[base + 3] + 1) % (node + 2)
+        return x
+
+    def sample(self, rng: np.random.Generator) -> Genotype:
+        """A uniformly random valid genotype."""
+        x = []
+        for _ in range(2):
+            for node in range(STEPS):
+                a, b = rng.choice(node + 2, size=2, replace=False)
+                x += [int(rng.integers(len(GENOTYPE_OPS))), int(a), int(rng.integers(len(GENOTYPE_OPS))), int(b)]
+        return self.decode(x)

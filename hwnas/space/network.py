@@ -1,0 +1,79 @@
+"""The discrete network built from a Genotype: plain torch.nn ops only, the one thing hwnas exports."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hwnas.config import MacroConfig
+from hwnas.space.genotype import STEPS, Genotype, Pair
+from hwnas.space.ops import FactorizedReduce, ReLUConvBN, create_op
+
+STEM_MULTIPLIER = 3
+
+
+def reduction_layers(layers: int) -> tuple[int, int]:
+    """Indices of the two reduction cells (DARTS places them at 1/3 and 2/3 depth)."""
+    return layers // 3, 2 * layers // 3
+
+
+class Cell(nn.Module):
+    """One discrete cell: each of 4 nodes sums two ops applied to earlier states; output concats the nodes."""
+
+    def __init__(self, pairs: tuple[Pair, ...], c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool):
+        super().__init__()
+        self.reduction = reduction
+        self.preprocess0 = FactorizedReduce(c_pp, c) if reduction_prev else ReLUConvBN(c_pp, c, 1, 1, 0)
+        self.preprocess1 = ReLUConvBN(c_p, c, 1, 1, 0)
+        self.inputs = [inp for _, inp in pairs]
+        self.ops = nn.ModuleList(
+            create_op(op, c, 2 if reduction and inp < 2 else 1, affine=True) for op, inp in pairs
+        )
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for node in range(STEPS):
+            a, b = 2 * node, 2 * node + 1
+            states.append(self.ops[a](states[self.inputs[a]]) + self.ops[b](states[self.inputs[b]]))
+        return torch.cat(states[2:], dim=1)  # (N, 4C, H, W)
+
+
+class Network(nn.Module):
+    """DARTS evaluation network: stem, `layers` cells (two of them reductions), global pool, classifier."""
+
+    def __init__(self, genotype: Genotype, macro: MacroConfig | None = None) -> None:
+        super().__init__()
+        self.genotype = genotype
+        self.macro = macro = macro or genotype.macro
+        c_curr = STEM_MULTIPLIER * macro.C
+        self.stem = nn.Sequential(
+            nn.Conv2d(macro.in_channels, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr)
+        )
+        c_pp, c_p, c_curr = c_curr, c_curr, macro.C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(macro.layers):
+            reduction = i in reduction_layers(macro.layers)
+            if reduction:
+                c_curr *= 2
+            pairs = genotype.reduce if reduction else genotype.normal
+            self.cells.append(Cell(pairs, c_pp, c_p, c_curr, reduction, reduction_prev))
+            reduction_prev = reduction
+            c_pp, c_p = c_p, STEPS * c_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c_p, macro.classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s0 = s1 = self.stem(x)  # (N, 3C, H, W)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1)
+        return self.classifier(torch.flatten(self.global_pooling(s1), 1))  # (N, classes)
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def build_network(genotype: Genotype) -> Network:
+    """The discrete network of `genotype` at its own macro config."""
+    return Network(genotype)

@@ -1,0 +1,139 @@
+"""DARTS weight-sharing supernet: every edge a MixedOp over the eight ops, run through hwnas.kernels."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwnas.config import MacroConfig
+from hwnas.kernels import mixed_op
+from hwnas.space.genotype import STEPS, Genotype
+from hwnas.space.network import STEM_MULTIPLIER, reduction_layers
+from hwnas.space.ops import GENOTYPE_OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, create_op
+
+EDGES = sum(node + 2 for node in range(STEPS))  # 14 edges per cell
+NUM_OPS = len(PRIMITIVES)
+EdgeWeights = tuple[torch.Tensor, torch.Tensor]  # (normal (14, 8), reduce (14, 8))
+
+
+def edge_index(node: int, inp: int) -> int:
+    """Row of the alphas for the edge from state `inp` into intermediate node `node`."""
+    return sum(k + 2 for k in range(node)) + inp
+
+
+class MixedOp(nn.Module):
+    """One supernet edge: all eight ops (pools followed by BatchNorm, affine=False as in DARTS search)."""
+
+    def __init__(self, channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.ops = nn.ModuleList(create_op(p, channels, stride, affine=False, supernet=True) for p in PRIMITIVES)
+        self.backend = "auto"
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return mixed_op(x, weights, self.ops, self.stride, self.backend)
+
+
+class SearchCell(nn.Module):
+    """A supernet cell: node j sums the MixedOps of all edges from earlier states."""
+
+    def __init__(self, c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool) -> None:
+        super().__init__()
+        self.reduction = reduction
+        aff = False
+        self.preprocess0 = FactorizedReduce(c_pp, c, aff) if reduction_prev else ReLUConvBN(c_pp, c, 1, 1, 0, aff)
+        self.preprocess1 = ReLUConvBN(c_p, c, 1, 1, 0, aff)
+        self.edges = nn.ModuleList(
+            MixedOp(c, 2 if reduction and inp < 2 else 1) for node in range(STEPS) for inp in range(node + 2)
+        )
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for node in range(STEPS):
+            states.append(sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states)))
+            offset += len(states) - 1
+        return torch.cat(states[2:], dim=1)  # (N, 4C, H, W)
+
+
+class Supernet(nn.Module):
+    """DARTS search network with architecture parameters `alphas_normal`/`alphas_reduce` of shape (14, 8)."""
+
+    def __init__(self, macro: MacroConfig) -> None:
+        super().__init__()
+        self.macro = macro
+        c_curr = STEM_MULTIPLIER * macro.C
+        self.stem = nn.Sequential(
+            nn.Conv2d(macro.in_channels, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr)
+        )
+        c_pp, c_p, c_curr = c_curr, c_curr, macro.C
+        self.cells = nn.ModuleList()
+        reduction_prev = False
+        for i in range(macro.layers):
+            reduction = i in reduction_layers(macro.layers)
+            if reduction:
+                c_curr *= 2
+            self.cells.append(SearchCell(c_pp, c_p, c_curr, reduction, reduction_prev))
+            reduction_prev = reduction
+            c_pp, c_p = c_p, STEPS * c_curr
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c_p, macro.classes)
+        self.alphas_normal = nn.Parameter(1e-3 * torch.randn(EDGES, NUM_OPS))
+        self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(EDGES, NUM_OPS))
+
+    def set_backend(self, name: str) -> None:
+        """Route every MixedOp through kernel backend `name` ("auto", "reference", "cpu", "cuda")."""
+        for module in self.modules():
+            if isinstance(module, MixedOp):
+                module.backend = name
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """The architecture parameters (alphas)."""
+        return [self.alphas_normal, self.alphas_reduce]
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        """Every parameter that is not an alpha."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return (p for p in self.parameters() if id(p) not in arch)
+
+    def softmax_weights(self) -> EdgeWeights:
+        """Per-edge op weights from the alphas (DARTS softmax relaxation)."""
+        return F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
+
+    def forward(self, x: torch.Tensor, weights: EdgeWeights | None = None) -> torch.Tensor:
+        w_normal, w_reduce = self.softmax_weights() if weights is None else weights
+        for w, name in ((w_normal, "normal"), (w_reduce, "reduce")):
+            if w.shape != (EDGES, NUM_OPS):
+                raise ValueError(f"{name} edge weights must have shape ({EDGES}, {NUM_OPS}), got {tuple(w.shape)}")
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+        return self.classifier(torch.flatten(self.global_pooling(s1), 1))  # (N, classes)
+
+    def derive(self) -> Genotype:
+        """DARTS discretisation: per node the two strongest incoming edges, each with its best non-none op."""
+        cells = []
+        for alphas in (self.alphas_normal, self.alphas_reduce):
+            w = F.softmax(alphas.detach(), dim=-1)[:, 1:]  # drop "none"
+            pairs = []
+            for node in range(STEPS):
+                rows = [edge_index(node, j) for j in range(node + 2)]
+                best = sorted(range(node + 2), key=lambda j: -float(w[rows[j]].max()))[:2]
+                for j in sorted(best):
+                    pairs.append((GENOTYPE_OPS[int(w[rows[j]].argmax())], j))
+            cells.append(tuple(pairs))
+        return Genotype(normal=cells[0], reduce=cells[1], macro=self.macro)
+
+    def genotype_weights(self, genotype: Genotype) -> EdgeWeights:
+        """One-hot weights selecting `genotype`'s ops; unselected edges get all-zero rows."""
+        if genotype.macro != self.macro:
+            raise ValueError(f"genotype macro {genotype.macro} does not match the supernet's {self.macro}")
+        out = []
+        for pairs in (genotype.normal, genotype.reduce):
+            w = torch.zeros(EDGES, NUM_OPS, device=self.alphas_normal.device)
+            for k, (op, inp) in enumerate(pairs):
+                w[edge_index(k // 2, inp), PRIMITIVES.index(op)] = 1.0
+            out.append(w)
+        return out[0], out[1]

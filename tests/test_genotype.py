@@ -1,0 +1,89 @@
+import json
+
+import numpy as np
+import pytest
+
+from hwnas.config import MacroConfig
+from hwnas.space import GENOTYPE_OPS, Genotype, SearchSpace
+
+NORMAL = [["sep_conv_3x3", 0], ["skip_connect", 1], ["max_pool_3x3", 0], ["dil_conv_5x5", 2],
+          ["avg_pool_3x3", 1], ["sep_conv_5x5", 3], ["dil_conv_3x3", 4], ["skip_connect", 0]]
+
+
+def arch_dict(**overrides):
+    d = {"schema_version": 1, "space": "darts-cell", "normal": [list(p) for p in NORMAL],
+         "reduce": [list(p) for p in NORMAL], "macro": MacroConfig().to_dict()}
+    d.update(overrides)
+    return d
+
+
+def test_round_trip_through_json(tmp_path):
+    g = Genotype.from_dict(arch_dict())
+    g.save(tmp_path / "a.json")
+    assert Genotype.load(tmp_path / "a.json") == g
+    assert json.loads((tmp_path / "a.json").read_text())["normal"][0] == ["sep_conv_3x3", 0]
+
+
+def test_arch_id_ignores_pair_order_within_a_node_but_not_ops():
+    g = Genotype.from_dict(arch_dict())
+    swapped = [NORMAL[1], NORMAL[0]] + NORMAL[2:]
+    assert Genotype.from_dict(arch_dict(normal=swapped)).arch_id == g.arch_id
+    other = [["sep_conv_5x5", 0]] + NORMAL[1:]
+    assert Genotype.from_dict(arch_dict(normal=other)).arch_id != g.arch_id
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"normal": [["conv_7x7", 0]] + NORMAL[1:]}, r"normal\[0\].*unknown op 'conv_7x7'"),
+        ({"normal": [["none", 0]] + NORMAL[1:]}, r"unknown op 'none'"),
+        ({"reduce": NORMAL[:2] + [["skip_connect", 3]] + NORMAL[3:]}, r"reduce\[2\] \(node 1\).*input 3 out of range"),
+        ({"normal": [["skip_connect", 1]] + NORMAL[1:]}, r"normal node 0: both pairs read input 1"),
+        ({"normal": NORMAL[:7]}, r"normal: expected 8"),
+        ({"schema_version": 2}, r"schema_version: expected 1, got 2"),
+        ({"space": "nasbench201"}, r"space: expected 'darts-cell'"),
+        ({"macro": {"C": 16}}, r"macro is missing keys"),
+        ({"normal": [["skip_connect", "0"]] + NORMAL[1:]}, r"input must be an integer"),
+    ],
+)
+def test_bad_architectures_name_the_problem(change, message):
+    with pytest.raises(ValueError, match=message):
+        Genotype.from_dict(arch_dict(**change))
+
+
+def test_load_names_the_file(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        Genotype.load(bad)
+    with pytest.raises(ValueError, match="no such architecture file"):
+        Genotype.load(tmp_path / "missing.json")
+
+
+def test_encode_decode_round_trip_and_sampling_is_valid(rng):
+    space = SearchSpace()
+    xl, xu = space.bounds()
+    for _ in range(200):
+        g = space.sample(rng)
+        x = space.encode(g)
+        assert x.shape == (space.n_var,) and np.all(x >= xl) and np.all(x <= xu)
+        assert space.decode(x) == g
+
+
+def test_decode_names_the_bad_position():
+    space = SearchSpace()
+    x = space.encode(Genotype.from_dict(arch_dict()))
+    x[5] = 9  # input of normal node 1's first pair: allowed 0..2
+    with pytest.raises(ValueError, match="position 5 = 9"):
+        space.decode(x)
+    with pytest.raises(ValueError, match="shape"):
+        space.decode(x[:-1])
+
+
+def test_repair_makes_any_integer_vector_decodable(rng):
+    space = SearchSpace()
+    xl, xu = space.bounds()
+    for _ in range(200):
+        x = rng.integers(-3, 10, size=space.n_var)
+        g = space.decode(space.repair(x))
+        assert all(op in GENOTYPE_OPS for op, _ in g.normal + g.reduce)
