@@ -1,4 +1,718 @@
-// CPU (OpenMP) implementations of the hwnas:: MixedOp operators.
+// CPU (OpenMP via at::parallel_for) implementations of the hwnas:: MixedOp operators.
+//
+// Every kernel works on whole (H, W) planes held by one thread, so inner loops run over contiguous
+// rows and vectorize; depthwise convs parallelize over the N*C planes, the combine over channels
+// (BatchNorm statistics need all N planes of a channel).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-TORCH_LIBRARY(hwnas, m) {}
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "mixed_op.h"
+
+namespace hwnas {
+namespace {
+
+// Work (elements) below which a parallel chunk is not worth waking another thread for.
+constexpr int64_t kGrainElems = 16384;
+inline int64_t grain(int64_t elems_per_item) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, elems_per_item)); }
+
+// ---------------------------------------------------------------------------------------------------
+// Depthwise convolution.
+//
+// A plane is zero-padded once (ReLU applied on the way) and every kernel tap becomes a pointer into
+// it; outputs are computed in a "flat" layout whose rows have the padded row stride, so the whole plane
+// is one long loop over contiguous memory (a few junk columns per row are dropped afterwards). Stride 2
+// splits the padded plane into even and odd columns so its loads stay contiguous too. The same tap
+// pointers give grad_weight as dot products, and grad_input is the forward correlation of the
+// zero-stuffed, padded grad_output with the flipped kernel.
+
+template <typename T>
+struct DwPlane {
+  int64_t h, w, k, d, s, p, hp, wp, ho, wo;
+  int64_t cols;  // row stride of each source array (wp, or ceil(wp / 2) for stride 2)
+  int64_t rs;    // row stride of the flat output layout
+  int64_t len;   // flat output length: (ho - 1) * rs + wo
+  int64_t src_size;
+  std::vector<T> src;  // stride 1: padded plane; stride 2: even columns then odd columns
+
+  DwPlane(int64_t h_, int64_t w_, int64_t k_, int64_t d_, int64_t s_)
+      : h(h_), w(w_), k(k_), d(d_), s(s_), p(d_ * (k_ - 1) / 2), hp(h_ + 2 * p), wp(w_ + 2 * p),
+        ho(out_size(h_, s_)), wo(out_size(w_, s_)) {
+    cols = s == 1 ? wp : (wp + 1) / 2;
+    rs = s == 1 ? wp : 2 * cols;
+    len = (ho - 1) * rs + wo;
+    src_size = hp * cols + cols + 16;  // slack: junk columns may read past the last row
+    src.assign(s * src_size, T(0));
+  }
+
+  // Loads plane x (h, w) into the padded source, applying ReLU if asked. Borders stay zero.
+  void load(const T* x, bool relu) {
+    for (int64_t i = 0; i < h; ++i) {
+      const T* row = x + i * w;
+      if (s == 1) {
+        T* dst = src.data() + (i + p) * wp + p;
+        if (relu) {
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) dst[j] = row[j] > T(0) ? row[j] : T(0);
+        } else {
+          std::copy(row, row + w, dst);
+        }
+      } else {
+        T* even = src.data() + (i + p) * cols;
+        T* odd = even + src_size;
+        for (int64_t j = 0; j < w; ++j) {
+          const int64_t c = j + p;
+          const T v = relu ? (row[j] > T(0) ? row[j] : T(0)) : row[j];
+          ((c & 1) ? odd : even)[c >> 1] = v;
+        }
+      }
+    }
+  }
+
+  // Pointer per tap such that tap t of output flat index i reads taps[t][i].
+  void taps(const T** out) const {
+    for (int64_t kh = 0; kh < k; ++kh)
+      for (int64_t kw = 0; kw < k; ++kw) {
+        const int64_t off = kw * d;
+        out[kh * k + kw] = s == 1 ? src.data() + kh * d * wp + off
+                                  : src.data() + (off & 1) * src_size + kh * d * cols + (off >> 1);
+      }
+  }
+};
+
+// dst[i] = sum_t wt[t] * taps[t][i], one kernel row (K taps) per pass so the taps and weights of a
+// pass stay in registers.
+template <typename T, int K>
+void correlate(const T* const* taps, const T* wt, T* dst, int64_t len) {
+  for (int kh = 0; kh < K; ++kh) {
+    T wl[K];
+    const T* tp[K];
+    for (int t = 0; t < K; ++t) {
+      wl[t] = wt[kh * K + t];
+      tp[t] = taps[kh * K + t];
+    }
+    const bool first = kh == 0;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      T acc = first ? T(0) : dst[i];
+#pragma GCC unroll 8
+      for (int t = 0; t < K; ++t) acc += wl[t] * tp[t][i];
+      dst[i] = acc;
+    }
+  }
+}
+
+template <typename T>
+void correlate_any(const T* const* taps, const T* wt, T* dst, int64_t len, int64_t kk) {
+  switch (kk) {
+    case 1: return correlate<T, 1>(taps, wt, dst, len);
+    case 9: return correlate<T, 3>(taps, wt, dst, len);
+    case 25: return correlate<T, 5>(taps, wt, dst, len);
+    case 49: return correlate<T, 7>(taps, wt, dst, len);
+    default:
+      std::fill(dst, dst + len, T(0));
+      for (int64_t t = 0; t < kk; ++t) {
+        const T wv = wt[t];
+        const T* src = taps[t];
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) dst[i] += wv * src[i];
+      }
+  }
+}
+
+// out[t] = sum_i g[i] * taps[t][i]: K taps per pass, each with a block of partial sums kept in
+// registers (a single reduction chain would be latency-bound).
+template <typename T, int K>
+void tap_dots(const T* g, const T* const* taps, T* out, int64_t len) {
+  constexpr int V = 16;
+  for (int kh = 0; kh < K; ++kh) {
+    const T* tp[K];
+    for (int t = 0; t < K; ++t) tp[t] = taps[kh * K + t];
+    T part[K][V] = {};
+    int64_t i = 0;
+    for (; i + V <= len; i += V) {
+#pragma GCC unroll 8
+      for (int t = 0; t < K; ++t) {
+#pragma omp simd
+        for (int l = 0; l < V; ++l) part[t][l] += g[i + l] * tp[t][i + l];
+      }
+    }
+    for (int t = 0; t < K; ++t) {
+      T acc = T(0);
+      for (int l = 0; l < V; ++l) acc += part[t][l];
+      for (int64_t j = i; j < len; ++j) acc += g[j] * tp[t][j];
+      out[kh * K + t] = acc;
+    }
+  }
+}
+
+template <typename T>
+void tap_dots_any(const T* g, const T* const* taps, T* out, int64_t len, int64_t kk) {
+  switch (kk) {
+    case 1: return tap_dots<T, 1>(g, taps, out, len);
+    case 9: return tap_dots<T, 3>(g, taps, out, len);
+    case 25: return tap_dots<T, 5>(g, taps, out, len);
+    case 49: return tap_dots<T, 7>(g, taps, out, len);
+    default:
+      for (int64_t t = 0; t < kk; ++t) {
+        T acc = T(0);
+        for (int64_t i = 0; i < len; ++i) acc += g[i] * taps[t][i];
+        out[t] = acc;
+      }
+  }
+}
+
+template <typename T>
+void dwconv_forward_kernel(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out, int64_t s, int64_t d,
+                           bool relu) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), k = weight.size(2);
+  const T* xd = x.const_data_ptr<T>();
+  const T* wd = weight.const_data_ptr<T>();
+  T* od = out.mutable_data_ptr<T>();
+  at::parallel_for(0, n * c, grain(h * w * k), [&](int64_t begin, int64_t end) {
+    DwPlane<T> pl(h, w, k, d, s);
+    std::vector<const T*> taps(k * k);
+    pl.taps(taps.data());
+    std::vector<T> flat(pl.len);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      pl.load(xd + plane * h * w, relu);
+      correlate_any(taps.data(), wd + (plane % c) * k * k, flat.data(), pl.len, k * k);
+      T* o = od + plane * pl.ho * pl.wo;
+      for (int64_t oh = 0; oh < pl.ho; ++oh) std::copy_n(flat.data() + oh * pl.rs, pl.wo, o + oh * pl.wo);
+    }
+  });
+}
+
+template <typename T>
+void dwconv_backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight, at::Tensor& gx,
+                            at::Tensor& gw_planes, int64_t s, int64_t d, bool relu) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), k = weight.size(2), kk = k * k;
+  const T* gd = g.const_data_ptr<T>();
+  const T* xd = x.const_data_ptr<T>();
+  const T* wd = weight.const_data_ptr<T>();
+  T* gxd = gx.mutable_data_ptr<T>();
+  T* gwd = gw_planes.mutable_data_ptr<T>();
+  at::parallel_for(0, n * c, grain(h * w * k), [&](int64_t begin, int64_t end) {
+    DwPlane<T> pl(h, w, k, d, s);  // relu(x), for grad_weight
+    DwPlane<T> gp(h, w, k, d, 1);  // zero-stuffed grad_out, for grad_input
+    std::vector<const T*> xt(kk), gt(kk);
+    pl.taps(xt.data());
+    gp.taps(gt.data());
+    std::vector<T> gflat(pl.len + 16, T(0)), gxflat(gp.len), wflip(kk);
+    const int64_t ho = pl.ho, wo = pl.wo, p = pl.p;
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const T* xs = xd + plane * h * w;
+      const T* gs = gd + plane * ho * wo;
+      const T* wt = wd + (plane % c) * kk;
+      pl.load(xs, relu);
+      for (int64_t oh = 0; oh < ho; ++oh) {
+        std::copy_n(gs + oh * wo, wo, gflat.data() + oh * pl.rs);
+        for (int64_t ow = 0; ow < wo; ++ow) gp.src[(p + s * oh) * gp.wp + p + s * ow] = gs[oh * wo + ow];
+      }
+      tap_dots_any(gflat.data(), xt.data(), gwd + plane * kk, pl.len, kk);
+      for (int64_t t = 0; t < kk; ++t) wflip[t] = wt[kk - 1 - t];
+      correlate_any(gt.data(), wflip.data(), gxflat.data(), gp.len, kk);
+      T* gxs = gxd + plane * h * w;
+      for (int64_t i = 0; i < h; ++i) {
+        const T* gi = gxflat.data() + i * gp.rs;
+        const T* xi = xs + i * w;
+        T* go = gxs + i * w;
+        if (relu) {
+#pragma omp simd
+          for (int64_t j = 0; j < w; ++j) go[j] = xi[j] > T(0) ? gi[j] : T(0);
+        } else {
+          std::copy_n(gi, w, go);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Combine: 3x3 pools (padding 1) of one plane, separable: a horizontal pass over rows copied into
+// buffers with a one-element border (-inf for max, 0 for sum), then a vertical pass.
+
+struct PoolGeom {
+  int64_t h, w, s, ho, wo;
+  std::vector<double> inv_cnt;  // 1 / valid window size per output (count_include_pad=False)
+  PoolGeom(int64_t h_, int64_t w_, int64_t s_) : h(h_), w(w_), s(s_), ho(out_size(h_, s_)), wo(out_size(w_, s_)) {
+    inv_cnt.resize(ho * wo);
+    for (int64_t oh = 0; oh < ho; ++oh)
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        const int64_t rows = std::min<int64_t>(oh * s + 1, h - 1) - std::max<int64_t>(oh * s - 1, 0) + 1;
+        const int64_t cols = std::min<int64_t>(ow * s + 1, w - 1) - std::max<int64_t>(ow * s - 1, 0) + 1;
+        inv_cnt[oh * wo + ow] = 1.0 / double(rows * cols);
+      }
+  }
+};
+
+template <typename T>
+struct PoolScratch {
+  std::vector<T> rmax, rsum, hmax, hsum, icnt, xpad, gxpad, gpm, gpa, done;
+  explicit PoolScratch(const PoolGeom& g) {
+    const T ninf = -std::numeric_limits<T>::infinity();
+    rmax.assign(g.w + 3, ninf);
+    rsum.assign(g.w + 3, T(0));
+    hmax.resize(g.h * g.wo);
+    hsum.resize(g.h * g.wo);
+    icnt.assign(g.inv_cnt.begin(), g.inv_cnt.end());
+    xpad.assign((g.h + 3) * (g.w + 2), ninf);
+    gxpad.resize((g.h + 3) * (g.w + 2));
+    gpm.resize(g.ho * g.wo);
+    gpa.resize(g.ho * g.wo);
+    done.resize(g.ho * g.wo);
+  }
+};
+
+template <typename T>
+void pool_plane(const T* x, const PoolGeom& g, PoolScratch<T>& sc, T* maxo, T* avgo) {
+  const int64_t wo = g.wo, s = g.s;
+  for (int64_t i = 0; i < g.h; ++i) {
+    std::copy_n(x + i * g.w, g.w, sc.rmax.data() + 1);
+    std::copy_n(x + i * g.w, g.w, sc.rsum.data() + 1);
+    const T* rm = sc.rmax.data();
+    const T* rsu = sc.rsum.data();
+    T* hm = sc.hmax.data() + i * wo;
+    T* hs = sc.hsum.data() + i * wo;
+    if (s == 1) {
+#pragma omp simd
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        const T a = rm[ow] > rm[ow + 1] ? rm[ow] : rm[ow + 1];
+        hm[ow] = a > rm[ow + 2] ? a : rm[ow + 2];
+        hs[ow] = rsu[ow] + rsu[ow + 1] + rsu[ow + 2];
+      }
+    } else {
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        const T a = rm[2 * ow] > rm[2 * ow + 1] ? rm[2 * ow] : rm[2 * ow + 1];
+        hm[ow] = a > rm[2 * ow + 2] ? a : rm[2 * ow + 2];
+        hs[ow] = rsu[2 * ow] + rsu[2 * ow + 1] + rsu[2 * ow + 2];
+      }
+    }
+  }
+  for (int64_t oh = 0; oh < g.ho; ++oh) {
+    const int64_t i0 = std::max<int64_t>(oh * s - 1, 0), i1 = std::min<int64_t>(oh * s + 1, g.h - 1);
+    T* mo = maxo + oh * wo;
+    T* ao = avgo + oh * wo;
+    std::copy_n(sc.hmax.data() + i0 * wo, wo, mo);
+    std::copy_n(sc.hsum.data() + i0 * wo, wo, ao);
+    for (int64_t i = i0 + 1; i <= i1; ++i) {
+      const T* hm = sc.hmax.data() + i * wo;
+      const T* hs = sc.hsum.data() + i * wo;
+#pragma omp simd
+      for (int64_t ow = 0; ow < wo; ++ow) {
+        mo[ow] = hm[ow] > mo[ow] ? hm[ow] : mo[ow];
+        ao[ow] += hs[ow];
+      }
+    }
+    const T* ic = sc.icnt.data() + oh * wo;
+#pragma omp simd
+    for (int64_t ow = 0; ow < wo; ++ow) ao[ow] *= ic[ow];
+  }
+}
+
+// Mean and biased variance of a buffer (two passes, double accumulation).
+template <typename T>
+void moments(const T* v, int64_t m, double& mean, double& var) {
+  double sum = 0;
+  for (int64_t i = 0; i < m; ++i) sum += v[i];
+  mean = sum / m;
+  double sq = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const double dv = v[i] - mean;
+    sq += dv * dv;
+  }
+  var = sq / m;
+}
+
+// Adds the pool gradients of one plane to gx. Max: to the first maximum of each window in row-major
+// order, as ATen does, found by nine masked passes over a -inf-padded copy of x; avg: evenly over the
+// valid window (padding positions collect junk that is cropped away).
+template <typename T>
+void pool_backward_plane(const T* x, const T* pmax, const T* gmax, const T* gavg, T* gx, const PoolGeom& g,
+                         PoolScratch<T>& sc) {
+  const int64_t wp = g.w + 2, s = g.s, wo = g.wo;
+  for (int64_t i = 0; i < g.h; ++i) std::copy_n(x + i * g.w, g.w, sc.xpad.data() + (i + 1) * wp + 1);
+  std::fill(sc.gxpad.begin(), sc.gxpad.end(), T(0));
+  std::fill(sc.done.begin(), sc.done.end(), T(0));
+  T* ga = sc.gpa.data();
+  if (gavg) {
+    const T* ic = sc.icnt.data();
+#pragma omp simd
+    for (int64_t o = 0; o < g.ho * wo; ++o) ga[o] = gavg[o] * ic[o];
+  }
+  for (int64_t di = 0; di < 3; ++di)
+    for (int64_t dj = 0; dj < 3; ++dj)
+      for (int64_t oh = 0; oh < g.ho; ++oh) {
+        const T* xr = sc.xpad.data() + (oh * s + di) * wp + dj;
+        T* gr = sc.gxpad.data() + (oh * s + di) * wp + dj;
+        const T* pm = pmax + oh * wo;
+        T* dn = sc.done.data() + oh * wo;
+        if (gmax) {
+          const T* gm = gmax + oh * wo;
+          if (s == 1) {
+#pragma omp simd
+            for (int64_t ow = 0; ow < wo; ++ow) {
+              const bool hit = dn[ow] == T(0) && xr[ow] == pm[ow];
+              gr[ow] += hit ? gm[ow] : T(0);
+              dn[ow] = hit ? T(1) : dn[ow];
+            }
+          } else {
+            for (int64_t ow = 0; ow < wo; ++ow) {
+              const bool hit = dn[ow] == T(0) && xr[2 * ow] == pm[ow];
+              gr[2 * ow] += hit ? gm[ow] : T(0);
+              dn[ow] = hit ? T(1) : dn[ow];
+            }
+          }
+        }
+        if (gavg) {
+          const T* gar = ga + oh * wo;
+          if (s == 1) {
+#pragma omp simd
+            for (int64_t ow = 0; ow < wo; ++ow) gr[ow] += gar[ow];
+          } else {
+            for (int64_t ow = 0; ow < wo; ++ow) gr[2 * ow] += gar[ow];
+          }
+        }
+      }
+  for (int64_t i = 0; i < g.h; ++i) {
+    const T* src = sc.gxpad.data() + (i + 1) * wp + 1;
+    T* dst = gx + i * g.w;
+#pragma omp simd
+    for (int64_t j = 0; j < g.w; ++j) dst[j] += src[j];
+  }
+}
+
+struct CombineShape {
+
+  int64_t n, c, h, w, ho, wo;
+};
+
+template <typename T>
+std::vector<const T*> branch_ptrs(const std::vector<at::Tensor>& branches) {
+  std::vector<const T*> ptrs(kNumOps, nullptr);
+  for (int k = 0; k < kNumOps; ++k)
+    if (branches[k].defined()) ptrs[k] = branches[k].const_data_ptr<T>();
+  return ptrs;
+}
+
+template <typename T>
+void combine_forward_kernel(const at::Tensor& x, const std::vector<double>& wv,
+                            const std::vector<at::Tensor>& branches, double* stats, int64_t active,
+                            int64_t s, bool training, double eps, at::Tensor& out) {
+  const CombineShape sh{x.size(0), x.size(1), x.size(2), x.size(3), out.size(2), out.size(3)};
+  const int64_t hw = sh.h * sh.w, ohw = sh.ho * sh.wo, m = sh.n * ohw;
+  const bool pools = op_active(active, kMaxPool) || op_active(active, kAvgPool);
+  const bool ident = s == 1 && op_active(active, kSkip);
+  const PoolGeom geom(sh.h, sh.w, s);
+  const T* xd = x.const_data_ptr<T>();
+  T* od = out.mutable_data_ptr<T>();
+  const auto bp = branch_ptrs<T>(branches);
+  at::parallel_for(0, sh.c, grain(sh.n * hw * 4), [&](int64_t begin, int64_t end) {
+    std::vector<T> pmax, pavg;
+    if (pools) {
+      pmax.resize(m);
+      pavg.resize(m);
+    }
+    PoolScratch<T> sc(geom);
+    for (int64_t ch = begin; ch < end; ++ch) {
+      // (scale, shift) turning a pooled value into w_k * BN(pooled)
+      T am = 0, bm = 0, aa = 0, ba = 0;
+      if (pools) {
+        for (int64_t b = 0; b < sh.n; ++b)
+          pool_plane(xd + (b * sh.c + ch) * hw, geom, sc, pmax.data() + b * ohw, pavg.data() + b * ohw);
+        double mean[2], var[2];
+        if (training) {
+          moments(pmax.data(), m, mean[0], var[0]);
+          moments(pavg.data(), m, mean[1], var[1]);
+          stats[0 * sh.c + ch] = mean[0];
+          stats[1 * sh.c + ch] = var[0];
+          stats[2 * sh.c + ch] = mean[1];
+          stats[3 * sh.c + ch] = var[1];
+        } else {
+          mean[0] = stats[0 * sh.c + ch];
+          var[0] = stats[1 * sh.c + ch];
+          mean[1] = stats[2 * sh.c + ch];
+          var[1] = stats[3 * sh.c + ch];
+        }
+        const double wm = op_active(active, kMaxPool) ? wv[kMaxPool] : 0.0;
+        const double wa = op_active(active, kAvgPool) ? wv[kAvgPool] : 0.0;
+        const double im = 1.0 / std::sqrt(var[0] + eps), ia = 1.0 / std::sqrt(var[1] + eps);
+        am = T(wm * im);
+        bm = T(-wm * im * mean[0]);
+        aa = T(wa * ia);
+        ba = T(-wa * ia * mean[1]);
+      }
+      for (int64_t b = 0; b < sh.n; ++b) {
+        const int64_t plane = b * sh.c + ch;
+        T* o = od + plane * ohw;
+        const T c0 = bm + ba;
+        std::fill(o, o + ohw, c0);
+        if (pools) {
+          const T* pm = pmax.data() + b * ohw;
+          const T* pa = pavg.data() + b * ohw;
+#pragma omp simd
+          for (int64_t i = 0; i < ohw; ++i) o[i] += am * pm[i] + aa * pa[i];
+        }
+        if (ident) {
+          const T w3 = T(wv[kSkip]);
+          const T* xs = xd + plane * hw;
+#pragma omp simd
+          for (int64_t i = 0; i < ohw; ++i) o[i] += w3 * xs[i];
+        }
+        for (int k = kSkip; k < kNumOps; ++k) {
+          if (!bp[k]) continue;
+          const T wk = T(wv[k]);
+          const T* src = bp[k] + plane * ohw;
+#pragma omp simd
+          for (int64_t i = 0; i < ohw; ++i) o[i] += wk * src[i];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std::vector<double>& wv,
+                             const std::vector<at::Tensor>& branches, const double* stats, int64_t active,
+                             int64_t s, bool training, double eps, at::Tensor& gx, std::vector<at::Tensor>& gb,
+                             std::vector<double>& gw_ch) {
+  const CombineShape sh{x.size(0), x.size(1), x.size(2), x.size(3), g.size(2), g.size(3)};
+  const int64_t hw = sh.h * sh.w, ohw = sh.ho * sh.wo, m = sh.n * ohw;
+  const bool pools = op_active(active, kMaxPool) || op_active(active, kAvgPool);
+  const bool ident = s == 1 && op_active(active, kSkip);
+  const PoolGeom geom(sh.h, sh.w, s);
+  const T* gd = g.const_data_ptr<T>();
+  const T* xd = x.const_data_ptr<T>();
+  T* gxd = gx.mutable_data_ptr<T>();
+  const auto bp = branch_ptrs<T>(branches);
+  std::vector<T*> gbp(kNumOps, nullptr);
+  for (int k = 0; k < kNumOps; ++k)
+    if (gb[k].defined()) gbp[k] = gb[k].mutable_data_ptr<T>();
+  at::parallel_for(0, sh.c, grain(sh.n * hw * 4), [&](int64_t begin, int64_t end) {
+    std::vector<T> pmax, pavg;
+    if (pools) {
+      pmax.resize(m);
+      pavg.resize(m);
+    }
+    PoolScratch<T> sc(geom);
+    T* gpm = sc.gpm.data();
+    T* gpa = sc.gpa.data();
+    for (int64_t ch = begin; ch < end; ++ch) {
+      double* gwc = gw_ch.data() + ch * kNumOps;
+      // Pass 1: per-channel sums of grad_out against every branch.
+      double sg = 0, sgm = 0, sga = 0;
+      for (int64_t b = 0; b < sh.n; ++b) {
+        const int64_t plane = b * sh.c + ch;
+        const T* gs = gd + plane * ohw;
+        if (pools) {
+          T* pm = pmax.data() + b * ohw;
+          T* pa = pavg.data() + b * ohw;
+          pool_plane(xd + plane * hw, geom, sc, pm, pa);
+          T a0 = 0, a1 = 0, a2 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2)
+          for (int64_t i = 0; i < ohw; ++i) {
+            a0 += gs[i];
+            a1 += gs[i] * pm[i];
+            a2 += gs[i] * pa[i];
+          }
+          sg += a0;
+          sgm += a1;
+          sga += a2;
+        }
+        if (ident) {
+          const T* xs = xd + plane * hw;
+          T a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t i = 0; i < ohw; ++i) a += gs[i] * xs[i];
+          gwc[kSkip] += a;
+        }
+        for (int k = kSkip; k < kNumOps; ++k) {
+          if (!bp[k]) continue;
+          const T* src = bp[k] + plane * ohw;
+          T a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t i = 0; i < ohw; ++i) a += gs[i] * src[i];
+          gwc[k] += a;
+        }
+      }
+      // grad wrt pooled value = A * g + B * pooled + D (BatchNorm backward folded into three scalars).
+      T amx = 0, bmx = 0, dmx = 0, aav = 0, bav = 0, dav = 0;
+      if (pools) {
+        const double mean[2] = {stats[0 * sh.c + ch], stats[2 * sh.c + ch]};
+        const double var[2] = {stats[1 * sh.c + ch], stats[3 * sh.c + ch]};
+        const double sgp[2] = {sgm, sga};
+        const int ks[2] = {kMaxPool, kAvgPool};
+        T* coef[2][3] = {{&amx, &bmx, &dmx}, {&aav, &bav, &dav}};
+        for (int q = 0; q < 2; ++q) {
+          const double inv = 1.0 / std::sqrt(var[q] + eps);
+          const double sgx = inv * (sgp[q] - mean[q] * sg);  // sum g * xhat
+          gwc[ks[q]] = sgx;
+          if (!op_active(active, ks[q])) continue;
+          const double wk = wv[ks[q]];
+          double a = wk * inv, bb = 0, d = 0;
+          if (training) {
+            bb = -wk * inv * inv * sgx / m;
+            d = -wk * inv * sg / m - bb * mean[q];
+          }
+          *coef[q][0] = T(a);
+          *coef[q][1] = T(bb);
+          *coef[q][2] = T(d);
+        }
+      }
+      // Pass 2: grad_x (identity + pools) and the branch gradients w_k * g.
+      for (int64_t b = 0; b < sh.n; ++b) {
+        const int64_t plane = b * sh.c + ch;
+        const T* gs = gd + plane * ohw;
+        T* gxs = gxd + plane * hw;
+        if (ident) {
+          const T w3 = T(wv[kSkip]);
+#pragma omp simd
+          for (int64_t i = 0; i < hw; ++i) gxs[i] = w3 * gs[i];
+        } else {
+          std::fill(gxs, gxs + hw, T(0));
+        }
+        if (pools) {
+          const T* pm = pmax.data() + b * ohw;
+          const T* pa = pavg.data() + b * ohw;
+          const bool am = op_active(active, kMaxPool), aa = op_active(active, kAvgPool);
+#pragma omp simd
+          for (int64_t i = 0; i < ohw; ++i) {
+            gpm[i] = amx * gs[i] + bmx * pm[i] + dmx;
+            gpa[i] = aav * gs[i] + bav * pa[i] + dav;
+          }
+          pool_backward_plane(xd + plane * hw, pm, am ? gpm : (const T*)nullptr, aa ? gpa : (const T*)nullptr, gxs,
+                              geom, sc);
+        }
+        for (int k = kSkip; k < kNumOps; ++k) {
+          if (!gbp[k]) continue;
+          const T wk = T(wv[k]);
+          T* dst = gbp[k] + plane * ohw;
+#pragma omp simd
+          for (int64_t i = 0; i < ohw; ++i) dst[i] = wk * gs[i];
+        }
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> contiguous_branches(std::vector<at::Tensor> slots) {
+  for (auto& b : slots)
+    if (b.defined()) b = b.contiguous();
+  return slots;
+}
+
+std::vector<double> weight_values(const at::Tensor& weights) {
+  const at::Tensor w = weights.detach().to(at::kDouble).contiguous();
+  const double* p = w.const_data_ptr<double>();
+  return std::vector<double>(p, p + kNumOps);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// Operator entry points
+
+at::Tensor dwconv_cpu(const at::Tensor& x_, const at::Tensor& weight_, int64_t stride, int64_t dilation,
+                      bool relu_input) {
+  check_dwconv(x_, weight_, stride, dilation);
+  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous();
+  at::Tensor out =
+      at::empty({x.size(0), x.size(1), out_size(x.size(2), stride), out_size(x.size(3), stride)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hwnas_dwconv_cpu",
+                             [&] { dwconv_forward_kernel<scalar_t>(x, weight, out, stride, dilation, relu_input); });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x_,
+                                                       const at::Tensor& weight_, int64_t stride,
+                                                       int64_t dilation, bool relu_input) {
+  check_dwconv(x_, weight_, stride, dilation);
+  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), g = grad_out.contiguous();
+  TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == x.size(1) &&
+                  g.size(2) == out_size(x.size(2), stride) && g.size(3) == out_size(x.size(3), stride),
+              "hwnas.dwconv_backward: grad_out has shape ", g.sizes(), " which does not match x ", x.sizes());
+  at::Tensor gx = at::empty_like(x);
+  const int64_t k = weight.size(2);
+  at::Tensor gw_planes = at::empty({x.size(0), x.size(1), k * k}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hwnas_dwconv_backward_cpu", [&] {
+    dwconv_backward_kernel<scalar_t>(g, x, weight, gx, gw_planes, stride, dilation, relu_input);
+  });
+  at::Tensor gw = gw_planes.sum(0).view(weight.sizes());  // reduce the per-plane partials over the batch
+  return {gx, gw};
+}
+
+std::tuple<at::Tensor, at::Tensor> combine_cpu(const at::Tensor& x_, const at::Tensor& weights,
+                                               at::TensorList branches_,
+                                               const std::optional<at::Tensor>& running_stats, int64_t active,
+                                               int64_t stride, bool training, double eps) {
+  const auto branches = contiguous_branches(check_combine(x_, weights, branches_, active, stride));
+  const at::Tensor x = x_.contiguous();
+  const auto wv = weight_values(weights);
+  const int64_t c = x.size(1);
+  at::Tensor out =
+      at::empty({x.size(0), c, out_size(x.size(2), stride), out_size(x.size(3), stride)}, x.options());
+  const bool pools = op_active(active, kMaxPool) || op_active(active, kAvgPool);
+  at::Tensor stats64;
+  if (training || !pools) {
+    stats64 = at::zeros({4, c}, x.options().dtype(at::kDouble));
+  } else {
+    TORCH_CHECK(running_stats.has_value() && running_stats->defined() && running_stats->dim() == 2 &&
+                    running_stats->size(0) == 4 && running_stats->size(1) == c,
+                "hwnas.combine: eval mode needs running_stats of shape (4, ", c, ")");
+    stats64 = running_stats->to(at::kDouble).contiguous().clone();
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hwnas_combine_cpu", [&] {
+    combine_forward_kernel<scalar_t>(x, wv, branches, stats64.mutable_data_ptr<double>(), active, stride, training, eps,
+                                     out);
+  });
+  return {out, stats64.to(x.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> combine_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& weights,
+    at::TensorList branches_, const at::Tensor& stats, int64_t active,
+    int64_t stride, bool training, double eps) {
+  const auto branches = contiguous_branches(check_combine(x_, weights, branches_, active, stride));
+  const at::Tensor x = x_.contiguous(), g = grad_out.contiguous();
+  const int64_t c = x.size(1);
+  TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == c && g.size(2) == out_size(x.size(2), stride) &&
+                  g.size(3) == out_size(x.size(3), stride),
+              "hwnas.combine_backward: grad_out has shape ", g.sizes(), " which does not match x ", x.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 4 && stats.size(1) == c,
+              "hwnas.combine_backward: stats must be (4, ", c, ")");
+  const auto wv = weight_values(weights);
+  const at::Tensor stats64 = stats.to(at::kDouble).contiguous();
+  at::Tensor gx = at::empty_like(x);
+  std::vector<at::Tensor> gb(kNumOps);
+  for (int k = 0; k < kNumOps; ++k)
+    if (branches[k].defined()) gb[k] = at::empty_like(g);
+  std::vector<double> gw_ch(c * kNumOps, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hwnas_combine_backward_cpu", [&] {
+    combine_backward_kernel<scalar_t>(g, x, wv, branches, stats64.const_data_ptr<double>(), active, stride, training, eps,
+                                      gx, gb, gw_ch);
+  });
+  at::Tensor gw64 = at::zeros({kNumOps}, x.options().dtype(at::kDouble));
+  double* gwp = gw64.mutable_data_ptr<double>();
+  for (int64_t ch = 0; ch < c; ++ch)
+    for (int k = 1; k < kNumOps; ++k)
+      if (op_active(active, k)) gwp[k] += gw_ch[ch * kNumOps + k];
+  std::vector<at::Tensor> grad_branches;
+  for (int k = 0; k < kNumOps; ++k)
+    if (gb[k].defined()) grad_branches.push_back(gb[k]);
+  return {gx, gw64.to(weights.scalar_type()), grad_branches};
+}
+
+}  // namespace hwnas
+
+TORCH_LIBRARY_IMPL(hwnas, CPU, m) {
+  m.impl("dwconv", &hwnas::dwconv_cpu);
+  m.impl("dwconv_backward", &hwnas::dwconv_backward_cpu);
+  m.impl("combine", &hwnas::combine_cpu);
+  m.impl("combine_backward", &hwnas::combine_backward_cpu);
+}

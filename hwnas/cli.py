@@ -44,8 +44,367 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("info", help="kernel backends, device fingerprint, versions").set_defaults(handler=_info)
 
 
+def _search_progress(total: int, desc: str):
+    """tqdm bars advanced once per generation (one per algorithm), showing best error, front size, hypervolume."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(info: dict) -> None:
+        algorithm = info["algorithm"]
+        if algorithm not in bars:
+            bars[algorithm] = tqdm(total=info["gens"], desc=f"{desc} {algorithm}", unit="gen")
+        bar = bars[algorithm]
+        bar.update(info["gen"] - bar.n)
+        bar.set_postfix(best_err=f"{100 * info['best_error']:.2f}%", front=info["front_size"],
+                        hv=f"{info['hypervolume']:.4f}", evals=info["n_evals"])
+        if info["gen"] >= info["gens"]:
+            bar.close()
+
+    return update
+
+
+def _search(args: argparse.Namespace) -> int:
+    """Run NSGA-II (or random search) on the supernet's accuracy estimate and the profile's latency predictor."""
+    from pathlib import Path
+
+    from hwnas.config import SearchConfig
+    from hwnas.search.session import build_problem, prepare_out_dir, run_search, summary_lines
+
+    cfg = SearchConfig(pop=args.pop, gens=args.gens, max_latency_ms=args.max_latency_ms,
+                       max_params_m=args.max_params_m, algorithm=args.algorithm, seed=args.seed,
+                       workers=args.workers, scheduler=args.scheduler)
+    out = Path(args.out)
+    prepare_out_dir(out, args.resume)  # fail before the slow loading when the folder is unusable
+    problem = build_problem(args.supernet, args.profile, cfg)
+    provenance = {"supernet": str(Path(args.supernet).resolve()), "profile": str(Path(args.profile).resolve())}
+    try:
+        front, baseline = run_search(problem, cfg, out, resume=args.resume, compare_random=args.compare_random,
+                                     progress=_search_progress(cfg.gens, "search"), provenance=provenance)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; every finished generation is in {out}/checkpoint.json: rerun with --resume", file=sys.stderr)
+        return 130
+    print("\n".join(summary_lines(front, baseline, out)))
+    return 0
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    from hwnas.config import SEARCH_ALGORITHMS, SearchConfig
+
+    d = SearchConfig()
+    p = sub.add_parser("search", help="multi-objective search: error, latency on a device, parameters")
+    p.add_argument("--supernet", required=True, help="folder written by `hwnas train-supernet`")
+    p.add_argument("--profile", required=True, help="device profile JSON (hwnas profile)")
+    p.add_argument("--pop", type=int, default=d.pop, help="population size (default %(default)s)")
+    p.add_argument("--gens", type=int, default=d.gens, help="generations incl. the initial one (default %(default)s)")
+    p.add_argument("--max-latency-ms", type=float, default=None, help="latency budget (predicted, ms)")
+    p.add_argument("--max-params-m", type=float, default=None, help="size budget (millions of parameters)")
+    p.add_argument("--algorithm", choices=SEARCH_ALGORITHMS, default=d.algorithm)
+    p.add_argument("--compare-random", action="store_true",
+                   help="also run random search with the same number of evaluations (plotted beside)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--workers", type=int, default=d.workers, help="> 1: evaluate on a Dask LocalCluster")
+    p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--out", required=True, help="output folder (front.json, front.csv, pareto.png, checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue the search checkpointed in --out")
+    p.set_defaults(handler=_search)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The whole pipeline on the embedded default: supernet, profile, search, export, plot."""
+    from pathlib import Path
+
+    from hwnas.pipeline import run_pipeline
+
+    out = Path(args.out or ("hwnas-run-quick" if args.quick else "hwnas-run"))
+    try:
+        summary = run_pipeline(out, quick=args.quick, progress=_run_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished work is kept in {out}: rerun the same command to resume", file=sys.stderr)
+        return 130
+    print("\n".join(summary["lines"]))
+    return 0 if summary["ok"] else 1
+
+
+def _run_progress(stage: str, plan):  # -> the callback of that stage (see hwnas.pipeline.run_pipeline)
+    """tqdm bars for the stages of `hwnas run`."""
+    from tqdm import tqdm
+
+    if stage == "search":
+        return _search_progress(plan.search.gens, "search")
+    bar = tqdm(total=1, desc=stage, unit="step", dynamic_ncols=True)
+    if stage == "supernet":
+        def supernet(done: int, total: int, metrics: dict) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+            if done >= total:
+                bar.close()
+        return supernet
+    if stage == "profile":
+        def profile(advance: int, total: int, what: str) -> None:
+            bar.total = total
+            bar.set_postfix_str(what)
+            bar.update(advance)
+        return profile
+
+    def export(what: str, done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+    return export
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the whole pipeline on the built-in digits data (resumable)")
+    p.add_argument("--quick", action="store_true", help="a few-minute run with small budgets")
+    p.add_argument("--out", default=None, help="output folder (default hwnas-run, or hwnas-run-quick with --quick); "
+                   "rerun the same command to resume")
+    p.set_defaults(handler=_run)
+
+
 # Each entry adds one subcommand; its parser sets `handler`.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info]
+SUBCOMMANDS += [_add_search, _add_run]
+
+
+def _train_supernet(args: argparse.Namespace) -> int:
+    """Train a supernet (DARTS bilevel + single-path fine-tuning) with a progress bar; resumable."""
+    from dataclasses import fields, replace
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from hwnas.config import MacroConfig, SupernetConfig
+    from hwnas.train import train_supernet
+
+    values = {f.name: getattr(args, f.name) for f in fields(SupernetConfig) if f.name != "macro"}
+    macro = replace(MacroConfig(), C=args.C, layers=args.layers, resolution=args.resolution)
+    cfg = SupernetConfig(macro=macro, **values)
+    bar = None  # created on the first step, so input errors print no empty bar
+
+    def progress(done: int, total: int, info: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=done - 1, desc="supernet", unit="step")
+        bar.n = done
+        bar.set_postfix(epoch=info["epoch"], loss=f"{info['loss']:.3f}", refresh=False)
+        bar.refresh()
+
+    try:
+        out = train_supernet(cfg, Path(args.out), resume=args.resume, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"supernet: {out / 'supernet.pt'}  derived genotype: {out / 'genotype.json'}")
+    return 0
+
+
+def _add_train_supernet(sub: argparse._SubParsersAction) -> None:
+    from dataclasses import fields
+
+    from hwnas.config import MacroConfig, SupernetConfig
+
+    d, m = SupernetConfig(), MacroConfig()
+    p = sub.add_parser("train-supernet", help="train the weight-sharing supernet (checkpoint every epoch)")
+    p.add_argument("--out", required=True, help="output folder (supernet.pt, supernet.json, genotype.json)")
+    p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    # Macro flags; input channels and classes always come from the dataset.
+    p.add_argument("--C", type=int, default=m.C, help="channels of the first cell (default %(default)s)")
+    p.add_argument("--layers", type=int, default=m.layers, help="cells (default %(default)s)")
+    p.add_argument("--resolution", type=int, default=m.resolution, help="input size in pixels (default %(default)s)")
+    helps = {
+        "data": "digits | cifar10:PATH | folder:PATH | npz:PATH",
+        "epochs": "DARTS bilevel epochs",
+        "sample_epochs": "single-path fine-tuning epochs after the bilevel ones",
+        "sampling": "uniform | alpha",
+        "guard": "collapse guard: none | skip_dropout | early_stop",
+    }
+    for f in fields(SupernetConfig):
+        if f.name == "macro":
+            continue
+        default = getattr(d, f.name)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"{helps.get(f.name, f.name.replace('_', ' '))} (default %(default)s)")
+    p.set_defaults(handler=_train_supernet)
+
+
+SUBCOMMANDS.append(_add_train_supernet)
+
+
+# --- profiling: profile / predict / measure / export (helper P) ---
+
+
+def _tqdm_progress(desc: str):
+    """A (advance, total, stage) callback that drives one tqdm bar with an ETA; returns (callback, bar)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, desc=desc, unit="step", dynamic_ncols=True)
+
+    def update(advance: int, total: int, stage: str) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.set_postfix_str(stage, refresh=False)
+        bar.update(advance)
+
+    return update, bar
+
+
+def _load_archs(paths: Sequence[str]) -> list:
+    """Architecture JSON files -> genotypes (errors name the file)."""
+    from hwnas.space import Genotype
+
+    return [Genotype.load(p) for p in paths]
+
+
+def _profile(args: argparse.Namespace) -> int:
+    """Measure this device and write a profile with its validation figures."""
+    from hwnas.config import DEFAULT_MACRO, ProfileConfig
+    from hwnas.profiling.profiler import profile_device
+
+    if args.device is None:
+        from hwnas.profiling.fingerprint import device_slug
+
+        args.device = device_slug(args.threads)
+    macro = DEFAULT_MACRO
+    if args.macro:
+        from hwnas.config import MacroConfig
+        from hwnas.profiling.device_profile import read_json
+
+        macro = MacroConfig.from_dict(read_json(args.macro, "macro"))
+    cfg = ProfileConfig(device=args.device, threads=args.threads, budget_min=args.budget_min, out=args.out,
+                        resume=args.resume, quick=args.quick, macro=macro, seed=args.seed,
+                        **{k: v for k, v in (("n_calibration", args.n_calibration), ("n_validation", args.n_validation),
+                                              ("runs", args.runs), ("rounds", args.rounds)) if v is not None})
+    update, bar = _tqdm_progress(f"profile {args.device}")
+    try:
+        profile = profile_device(cfg, progress=update)
+    finally:
+        bar.close()
+    v = profile.validation
+    summary = {k: v[k] for k in ("predictor", "n", "mape", "within_5pct", "within_10pct", "spearman", "kendall",
+                                 "noise_ceiling_within_10pct")}
+    print(json.dumps({"profile": str(cfg.out or f"profiles/{cfg.device}.json"), "elapsed_s": profile.meta.get("elapsed_s"),
+                      "validation": summary}, indent=2))
+    return 0
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="measure this device's latencies and fit a latency predictor")
+    p.add_argument("--device", default=None, help="profile name, file profiles/NAME.json (default: CPU model, cores, threads)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+    p.add_argument("--budget-min", type=float, default=15.0, help="time budget in minutes (default 15)")
+    p.add_argument("--out", default=None, help="output file (default profiles/NAME.json)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its .partial.json")
+    p.add_argument("--quick", action="store_true", help="small sets, fewer runs: about 2 minutes")
+    p.add_argument("--macro", default=None, help="JSON file with a macro config (default: the built-in one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-calibration", type=int, default=None)
+    p.add_argument("--n-validation", type=int, default=None)
+    p.add_argument("--runs", type=int, default=None, help="timed runs per session")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved fresh-session rounds (>= 2)")
+    p.set_defaults(handler=_profile)
+
+
+def _resolve_profile(path: str | None, macro):
+    """--profile or the shipped default for this device and macro."""
+    from hwnas.profiling import default_profile_path
+
+    if path:
+        return path
+    found = default_profile_path(macro)
+    if found is None:
+        raise ValueError(f"no --profile given and no shipped profile matches this device and macro {macro.to_dict()}; run `hwnas profile`")
+    return found
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """Predicted latency (ms) of each architecture file."""
+    from hwnas.predictors import create_predictor
+    from hwnas.profiling.device_profile import DeviceProfile
+
+    genotypes = _load_archs(args.arch)
+    macro = genotypes[0].macro
+    profile = DeviceProfile.load(_resolve_profile(args.profile, macro), expected_macro=macro)
+    for path, g in zip(args.arch, genotypes):
+        if g.macro != profile.macro:
+            raise ValueError(f"{path}: macro {g.macro.to_dict()} differs from the profile's {profile.macro.to_dict()}")
+    pred = create_predictor(profile, args.predictor)
+    ms = pred.predict(genotypes)
+    print(json.dumps({"profile": profile.name, "predictor": pred.name, "validation_mape": profile.validation.get("mape"),
+                      "latency_ms": {p: round(float(m), 4) for p, m in zip(args.arch, ms)}}, indent=2))
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predicted latency (ms) per architecture")
+    p.add_argument("arch", nargs="+", help="architecture JSON file(s)")
+    p.add_argument("--profile", default=None, help="device profile (default: the shipped one for this device)")
+    p.add_argument("--predictor", default=None, help="predictor name (default: the profile's)")
+    p.set_defaults(handler=_predict)
+
+
+def _measure(args: argparse.Namespace) -> int:
+    """Measured latency (ms) of each architecture file with the profiling methodology."""
+    from hwnas.profiling.profiler import measure_genotypes
+
+    genotypes = _load_archs(args.arch)
+    update, bar = _tqdm_progress("measure")
+    try:
+        ms, sentinel = measure_genotypes(genotypes, threads=args.threads, rounds=args.rounds, runs=args.runs,
+                                         progress=update, return_sentinel=True)
+    finally:
+        bar.close()
+    print(json.dumps({"threads": args.threads, "rounds": args.rounds, "runs": args.runs,
+                      "sentinel_ms": round(sentinel, 4),
+                      "latency_ms": {p: round(float(m), 4) for p, m in zip(args.arch, ms)}}, indent=2))
+    return 0
+
+
+def _add_measure(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("measure", help="measured latency (ms) per architecture on this device")
+    p.add_argument("arch", nargs="+", help="architecture JSON file(s)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=4, help="interleaved fresh-session rounds")
+    p.add_argument("--runs", type=int, default=100, help="timed runs per session")
+    p.set_defaults(handler=_measure)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """`export --arch A --out F`: one verified ONNX file; `export DIR`: the search's Pareto front (hwnas.export)."""
+    if args.dir is not None:
+        try:
+            from hwnas.export import cli_export_dir
+        except ImportError:
+            raise ValueError("`hwnas export DIR` (exporting a search's Pareto front) is not available in this build") from None
+        return cli_export_dir(args)
+    if not args.arch or not args.out:
+        raise ValueError("give either DIR, or both --arch ARCH.json and --out FILE.onnx")
+    import torch
+
+    from hwnas.profiling.onnx_io import export_onnx, verify_onnx
+    from hwnas.space import Genotype, Network
+
+    g = Genotype.load(args.arch)
+    net = Network(g).eval()
+    m = g.macro
+    path = export_onnx(net, args.out, (1, m.in_channels, m.resolution, m.resolution))
+    err = verify_onnx(path, net, torch.randn(2, m.in_channels, m.resolution, m.resolution))
+    if err > 1e-4:
+        raise ValueError(f"{path}: onnxruntime output differs from PyTorch by {err:.2e} (> 1e-4)")
+    print(json.dumps({"onnx": str(path), "arch_id": g.arch_id, "max_abs_diff": err}, indent=2))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export verified ONNX: one architecture (--arch/--out) or a search result DIR")
+    p.add_argument("dir", nargs="?", default=None, help="search output directory (Pareto front)")
+    p.add_argument("--arch", default=None, help="architecture JSON file")
+    p.add_argument("--out", default=None, help="ONNX file to write")
+    p.set_defaults(handler=_export)
+
+
+SUBCOMMANDS += [_add_profile, _add_predict, _add_measure, _add_export]
 
 
 def build_parser() -> argparse.ArgumentParser:

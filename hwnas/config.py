@@ -43,3 +43,163 @@ class MacroConfig:
 
 
 DEFAULT_MACRO = MacroConfig()
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    """Supernet training: DARTS bilevel epochs, then single-path fine-tuning epochs (weights only)."""
+
+    data: str = "digits"
+    macro: MacroConfig = DEFAULT_MACRO
+    epochs: int = 2  # bilevel epochs (weights on train, alphas on search-validation)
+    sample_epochs: int = 20  # single-path fine-tuning epochs after the bilevel phase
+    sampling: str = "uniform"  # single-path sampling: "uniform", "fair" (each op once per 7 steps) or "alpha"
+    batch_size: int = 64
+    seed: int = 0
+    w_lr: float = 0.05
+    w_lr_min: float = 1e-3
+    w_momentum: float = 0.9
+    w_weight_decay: float = 3e-4
+    alpha_lr: float = 3e-4
+    alpha_weight_decay: float = 1e-3
+    grad_clip: float = 5.0
+    guard: str = "early_stop"  # collapse guard: "none", "skip_dropout" or "early_stop"
+    skip_dropout: float = 0.3  # drop rate of parameter-free ops when guard == "skip_dropout"
+    max_param_free: int = 4  # early_stop: freeze alphas once the derived normal cell has more parameter-free ops
+    valid_fraction: float = 0.2
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.macro, MacroConfig):
+            raise ValueError(f"macro must be a MacroConfig, got {type(self.macro).__name__}")
+        for name in ("epochs", "sample_epochs", "max_param_free", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if self.epochs + self.sample_epochs < 1:
+            raise ValueError("epochs + sample_epochs must be at least 1")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        for name in ("w_lr", "w_lr_min", "alpha_lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("w_momentum", "w_weight_decay", "alpha_weight_decay", "skip_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.sampling not in ("uniform", "fair", "alpha"):
+            raise ValueError(f"sampling must be 'uniform', 'fair' or 'alpha', got {self.sampling!r}")
+        if self.guard not in ("none", "skip_dropout", "early_stop"):
+            raise ValueError(f"guard must be 'none', 'skip_dropout' or 'early_stop', got {self.guard!r}")
+        if not (0 < self.valid_fraction < 1 and 0 < self.test_fraction < 1 and self.valid_fraction + self.test_fraction < 1):
+            raise ValueError("valid_fraction and test_fraction must be in (0, 1) and sum to less than 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON files (macro nested)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SupernetConfig":
+        """Parse a dict, naming unknown keys."""
+        if not isinstance(data, dict):
+            raise ValueError(f"supernet config must be an object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"supernet config has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+        data = dict(data)
+        if "macro" in data:
+            data["macro"] = MacroConfig.from_dict(data["macro"])
+        return cls(**data)
+
+
+SEARCH_ALGORITHMS = ("nsga2", "random")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """One architecture search: `hwnas search` flags map onto these fields."""
+
+    pop: int = 40  # population per generation (random search draws the same number per generation)
+    gens: int = 30  # generations, the initial population included; evaluations ~= pop * gens
+    max_latency_ms: float | None = None  # budget: predicted latency on the profiled device
+    max_params_m: float | None = None  # budget: parameters in millions
+    algorithm: str = "nsga2"
+    seed: int = 0
+    workers: int = 0  # > 1: evaluate through a Dask LocalCluster with this many workers
+    scheduler: str | None = None  # address of a running Dask scheduler (overrides workers)
+
+    def __post_init__(self) -> None:
+        for name in ("pop", "gens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.pop < 4:
+            raise ValueError(f"pop must be at least 4 so NSGA-II has parents to select from, got {self.pop}")
+        for name in ("max_latency_ms", "max_params_m"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.algorithm not in SEARCH_ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(SEARCH_ALGORITHMS)}, got {self.algorithm!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers must be a non-negative integer, got {self.workers!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON files."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "SearchConfig":
+        """Parse a dict, naming unknown keys."""
+        if not isinstance(data, dict):
+            raise ValueError(f"search config must be an object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"search config has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """`hwnas profile`: which device, how long, how much to measure (flags map 1:1 to fields)."""
+
+    device: str = "this-device"  # profile name; the file defaults to profiles/<device>.json
+    threads: int = 1  # onnxruntime intra_op_num_threads
+    budget_min: float = 15.0  # stop starting new timing rounds after this many minutes (at least 2 rounds run)
+    out: str | None = None
+    resume: bool = False
+    quick: bool = False  # fewer networks and runs: a profile in ~2 minutes, validation still reported
+    macro: MacroConfig = DEFAULT_MACRO
+    n_calibration: int = 150  # random networks the calibrated predictor is fitted on
+    n_validation: int = 80  # disjoint held-out networks, measured twice (noise ceiling)
+    runs: int = 100  # timed runs per session
+    warmup: int = 10
+    rounds: int = 6  # interleaved fresh-session rounds; validation uses even vs odd rounds as two measurements
+    optimization_level: str = "all"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.device or any(c in self.device for c in "/\\"):
+            raise ValueError(f"device name must be a non-empty file-name-safe string, got {self.device!r}")
+        for name in ("threads", "n_calibration", "n_validation", "runs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.rounds < 2:
+            raise ValueError(f"rounds must be >= 2 (validation needs two independent measurements), got {self.rounds}")
+        if self.budget_min <= 0:
+            raise ValueError(f"budget_min must be > 0, got {self.budget_min}")
+
+    def resolved(self) -> "ProfileConfig":
+        """Apply --quick: smaller sets and fewer runs (explicitly given sizes are overridden)."""
+        if not self.quick:
+            return self
+        from dataclasses import replace
+
+        return replace(self, n_calibration=40, n_validation=30, runs=50, rounds=4, budget_min=min(self.budget_min, 3.0))
+
+    def measurement_key(self) -> dict[str, Any]:
+        """Fields that change what gets measured: a resumed run must agree on all of them."""
+        keep = ("threads", "macro", "n_calibration", "n_validation", "runs", "warmup", "rounds", "optimization_level", "seed")
+        return {k: (getattr(self, k).to_dict() if k == "macro" else getattr(self, k)) for k in keep}

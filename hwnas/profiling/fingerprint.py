@@ -36,3 +36,12 @@ def device_fingerprint() -> dict[str, object]:
         "onnxruntime_version": ort.__version__,
         "providers": ort.get_available_providers(),
     }
+
+
+def device_slug(threads: int = 1) -> str:
+    """A file-name-safe profile name for this machine: CPU model, usable cores, onnxruntime threads."""
+    import re
+
+    model = re.sub(r"\((?:R|TM|tm|r)\)|\bCPU\b|\bProcessor\b|@.*$", " ", cpu_model())
+    words = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-") or platform.machine().lower()
+    return f"{words}-{usable_cores()}c-{threads}t"

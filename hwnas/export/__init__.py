@@ -1,0 +1,65 @@
+"""Export Pareto members as verified ONNX models with re-measured latency."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hwnas.export.exporter import REPORT_NAME, export_front, format_table, load_report
+
+__all__ = ["REPORT_NAME", "cli_export_dir", "export_front", "format_table", "load_report"]
+
+
+def cli_export_dir(args: argparse.Namespace) -> int:
+    """`hwnas export DIR [--train-epochs E] [--profile P] [--threads N] [--out D]`: export a search's front.
+
+    DIR is a `hwnas search` output folder; its front.json names the supernet (for the dataset used by
+    stand-alone training) and the profile (threads and noise ceiling), unless --profile is given.
+    """
+    from hwnas.search.front import ParetoFront
+
+    run_dir = Path(args.dir)
+    front = ParetoFront.load(run_dir / "front.json")
+    train_epochs = int(getattr(args, "train_epochs", 0) or 0)
+    out_dir = Path(getattr(args, "out", None) or run_dir / "export")
+    profile_path = getattr(args, "profile", None) or front.config.get("profile")
+    profile = None
+    if profile_path:
+        from hwnas.profiling.device_profile import DeviceProfile
+
+        macro = front.members[0].genotype.macro if front.members else None
+        profile = DeviceProfile.load(profile_path, expected_macro=macro)
+    data = None
+    if train_epochs > 0:
+        supernet_dir = front.config.get("supernet")
+        if not supernet_dir:
+            raise ValueError(f"{run_dir / 'front.json'}: config names no supernet, so the dataset for --train-epochs is unknown")
+        data = _load_search_data(Path(supernet_dir))
+    report = export_front(front, out_dir, profile=profile, train_epochs=train_epochs, data=data,
+                          threads=getattr(args, "threads", None), progress=_progress_printer())
+    print(format_table(report))
+    print(f"wrote {out_dir / REPORT_NAME}")
+    return 0 if report["summary"]["n_passed"] == report["summary"]["n"] else 1
+
+
+def _load_search_data(supernet_dir: Path):  # -> DataSplits
+    """The dataset (same splits) a supernet was trained on."""
+    from hwnas.train import load_data, load_supernet
+
+    _, cfg = load_supernet(supernet_dir)
+    return load_data(cfg)
+
+
+def _progress_printer():
+    """A tqdm bar for the export stage (CLI layer only)."""
+    from tqdm import tqdm
+
+    bar: dict[str, tqdm] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in bar:
+            bar[stage] = tqdm(total=total, desc=stage, unit="model", leave=False)
+        bar[stage].update(done - bar[stage].n)
+        if done >= total:
+            bar[stage].close()
+
+    return update

@@ -1,0 +1,225 @@
+"""Export every Pareto member to ONNX, verify it (checker, onnxruntime vs PyTorch) and re-measure its latency."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Collection
+
+import numpy as np
+import torch
+
+from hwnas.search.front import FrontMember, ParetoFront, atomic_write_text
+from hwnas.space.genotype import Genotype
+from hwnas.space.network import Network, count_params
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+REPORT_NAME = "export_report.json"
+MAX_ABS_DIFF = 1e-4  # onnxruntime vs PyTorch on the same float32 input
+LATENCY_TOLERANCE = 0.10  # "measured within +-10 % of predicted"
+VERIFY_BATCH = 3  # != the export batch of 1, so the dynamic batch axis is exercised
+MeasureFn = Callable[[list[Genotype]], np.ndarray]
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def _default_measure(threads: int, profile: Any = None) -> MeasureFn:
+    """Latency (ms) with the profiling methodology of hwnas.profiling.profiler, timed as the profile was."""
+    from hwnas.profiling.profiler import measure_genotypes
+
+    timing = dict((profile.device.get("timing") or {}) if profile is not None else {})
+    kwargs = {k: timing[k] for k in ("rounds", "runs", "warmup", "optimization_level") if k in timing}
+    return lambda genotypes: np.asarray(measure_genotypes(list(genotypes), threads=threads, **kwargs), dtype=float)
+
+
+def _onnx_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path))
+    return int(next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1))
+
+
+def _verify_input(member: FrontMember, data: Any, seed: int) -> torch.Tensor:
+    """Real test images when a dataset is given (the range a deployed model sees), else seeded noise."""
+    macro = member.genotype.macro
+    if data is not None:
+        return data.test.tensors[0][:VERIFY_BATCH].float()
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(VERIFY_BATCH, macro.in_channels, macro.resolution, macro.resolution, generator=gen)
+
+
+def _export_member(rank: int, member: FrontMember, out_dir: Path, train_epochs: int, data: Any, seed: int,
+                   tolerance: float, train_fn: Callable | None) -> dict[str, Any]:
+    """Build (and optionally train), export, check one member; every failure is recorded, never raised."""
+    from hwnas.profiling.onnx_io import export_onnx, verify_onnx
+
+    g = member.genotype
+    stem = f"{rank:02d}_{member.arch_id}"
+    row: dict[str, Any] = {
+        "rank": rank, "arch_id": member.arch_id, "arch": f"{stem}.json", "onnx": None, "opset": None,
+        "estimated_error": member.error, "predicted_latency_ms": member.latency_ms, "params_m": member.params_m,
+        "trained_epochs": 0, "test_accuracy": None, "max_abs_diff": None, "checker": False,
+        "measured_latency_ms": None, "latency_ratio": None, "passed": False, "errors": [],
+    }
+    try:
+        g.save(out_dir / f"{stem}.json")
+        if train_epochs > 0:
+            if data is None:
+                raise ValueError("stand-alone training needs the dataset")
+            train = train_fn or _train_network
+            net, acc = train(g, data, train_epochs, seed)
+            row["trained_epochs"], row["test_accuracy"] = train_epochs, float(acc)
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                net = Network(g)
+        row["params_m"] = count_params(net) / 1e6
+        macro = g.macro
+        path = export_onnx(net, out_dir / f"{stem}.onnx", (1, macro.in_channels, macro.resolution, macro.resolution))
+        row["onnx"], row["opset"] = path.name, _onnx_opset(path)
+        diff = verify_onnx(path, net, _verify_input(member, data, seed))  # runs onnx.checker first
+        row["checker"], row["max_abs_diff"] = True, diff
+        if not math.isfinite(diff) or diff > tolerance:
+            row["errors"].append(f"max |onnxruntime - torch| = {diff:.3g} > {tolerance:g}")
+    except Exception as err:  # noqa: BLE001 - a failing member is reported, not dropped
+        log.warning("member %s (%s) failed: %s", rank, member.arch_id, err)
+        row["errors"].append(f"{type(err).__name__}: {err}")
+    return row
+
+
+def _train_network(genotype: Genotype, data: Any, epochs: int, seed: int) -> tuple[torch.nn.Module, float]:
+    from hwnas.train import train_network
+
+    return train_network(genotype, data, epochs, seed=seed)
+
+
+def export_front(
+    front: ParetoFront,
+    out_dir: str | Path,
+    profile: Any = None,
+    train_epochs: int = 0,
+    data: Any = None,
+    threads: int | None = None,
+    measure_fn: MeasureFn | None = None,
+    measure: bool = True,
+    seed: int = 0,
+    tolerance: float = MAX_ABS_DIFF,
+    train_fn: Callable | None = None,
+    train_ids: Collection[str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """ONNX + checks + measured latency for every member; writes out_dir/export_report.json and returns it.
+
+    `profile` (a DeviceProfile) supplies the measurement thread count and the noise ceiling the
+    predicted/measured agreement is compared with. `train_ids` limits stand-alone training to those
+    arch_ids (None: every member). A member failing any check keeps its row, with errors.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write to export directory {out_dir}: {err.strerror or err}") from None
+    if not isinstance(train_epochs, int) or train_epochs < 0:
+        raise ValueError(f"train_epochs must be a non-negative integer, got {train_epochs!r}")
+    if threads is None:
+        threads = int((profile.device.get("threads") if profile is not None else None) or 1)
+
+    rows = []
+    n = len(front.members)
+    for rank, member in enumerate(front.members):
+        epochs = train_epochs if train_ids is None or member.arch_id in train_ids else 0
+        rows.append(_export_member(rank, member, out_dir, epochs, data, seed, tolerance, train_fn))
+        if progress is not None:
+            progress("export", rank + 1, n)
+
+    measure_error = None
+    if measure and rows:
+        try:
+            fn = measure_fn or _default_measure(threads, profile)
+            measured = np.asarray(fn([m.genotype for m in front.members]), dtype=float).reshape(-1)
+            if measured.shape != (n,):
+                raise ValueError(f"measurement returned {measured.size} values for {n} models")
+            for row, ms in zip(rows, measured):
+                row["measured_latency_ms"] = float(ms)
+                row["latency_ratio"] = float(ms / row["predicted_latency_ms"])
+        except Exception as err:  # noqa: BLE001 - keep the export even if timing fails
+            measure_error = f"{type(err).__name__}: {err}"
+            log.warning("latency measurement failed: %s", measure_error)
+            for row in rows:
+                row["errors"].append(f"latency not measured ({measure_error})")
+    for row in rows:
+        row["passed"] = not row["errors"]
+
+    report = _report(rows, front, profile, train_epochs, threads, tolerance, measure_error)
+    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _report(rows: list[dict], front: ParetoFront, profile: Any, train_epochs: int, threads: int,
+            tolerance: float, measure_error: str | None) -> dict[str, Any]:
+    ratios = np.array([r["latency_ratio"] for r in rows if r["latency_ratio"] is not None], dtype=float)
+    within = float(np.mean(np.abs(ratios - 1) <= LATENCY_TOLERANCE)) if ratios.size else None
+    ceiling = None
+    if profile is not None:
+        ceiling = profile.validation.get("noise_ceiling_within_10pct")
+    acc = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
+    return {
+        "schema_version": REPORT_VERSION,
+        "tolerance": {"max_abs_diff": tolerance, "latency_within": LATENCY_TOLERANCE},
+        "train_epochs": train_epochs,
+        "threads": threads,
+        "profile": getattr(profile, "name", None),
+        "front": {"n_members": len(front.members), "hypervolume": front.hypervolume, "feasible": front.feasible},
+        "summary": {
+            "n": len(rows),
+            "n_passed": sum(r["passed"] for r in rows),
+            "max_abs_diff": max((r["max_abs_diff"] for r in rows if r["max_abs_diff"] is not None), default=None),
+            "latency_within_10pct": within,
+            "noise_ceiling_within_10pct": ceiling,
+            "best_test_accuracy": max(acc) if acc else None,
+            "measure_error": measure_error,
+        },
+        "members": rows,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The terminal table of an export report: one line per member, then the summary."""
+    head = f"{'#':>2} {'arch_id':16} {'params M':>8} {'est err%':>8} {'test acc%':>9} {'pred ms':>8} {'meas ms':>8} {'ratio':>6} {'max|diff|':>9}  status"
+    lines = [head, "-" * len(head)]
+
+    def fmt(v: Any, spec: str, scale: float = 1.0) -> str:
+        return format(v * scale, spec) if v is not None else "-"
+
+    for r in report["members"]:
+        status = "ok" if r["passed"] else "FAIL: " + "; ".join(r["errors"])
+        lines.append(
+            f"{r['rank']:>2} {r['arch_id']:16} {fmt(r['params_m'], '8.4f')} {fmt(r['estimated_error'], '8.2f', 100)} "
+            f"{fmt(r['test_accuracy'], '9.2f', 100)} {fmt(r['predicted_latency_ms'], '8.3f')} "
+            f"{fmt(r['measured_latency_ms'], '8.3f')} {fmt(r['latency_ratio'], '6.2f')} {fmt(r['max_abs_diff'], '9.1e')}  {status}"
+        )
+    s = report["summary"]
+    within = "-" if s["latency_within_10pct"] is None else f"{100 * s['latency_within_10pct']:.0f} %"
+    ceiling = "-" if s["noise_ceiling_within_10pct"] is None else f"{100 * s['noise_ceiling_within_10pct']:.0f} %"
+    lines.append(f"{s['n_passed']}/{s['n']} passed all checks; measured within +-10 % of predicted: {within} "
+                 f"(profile noise ceiling {ceiling})")
+    return "\n".join(lines)
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """Read an export_report.json; errors name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such export report") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("schema_version") != REPORT_VERSION or "members" not in data:
+        raise ValueError(f"{path}: not an hwnas export report (schema_version {REPORT_VERSION})")
+    return data

@@ -1,0 +1,40 @@
+"""Latency predictors by name; `create_predictor(profile)` gives the one a profile validated best."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hwnas.predictors.base import LatencyPredictor, encode_all
+from hwnas.predictors.linear import BlockSumPredictor, CalibratedPredictor, ScaledBlockSumPredictor
+
+if TYPE_CHECKING:
+    from hwnas.profiling.device_profile import DeviceProfile
+
+PREDICTORS: dict[str, type[LatencyPredictor]] = {p.name: p for p in (BlockSumPredictor, ScaledBlockSumPredictor, CalibratedPredictor)}
+
+
+def profile_tables(profile: "DeviceProfile") -> tuple[np.ndarray, float]:
+    """The summed block table and the fixed latency a profile's block measurements give."""
+    from hwnas.profiling.blocks import pair_tables
+
+    try:
+        ops = profile.blocks["ops_ms"]
+        fixed = sum(profile.blocks["fixed_ms"].values()) + profile.blocks["overhead_ms"]
+        return pair_tables(profile.macro, ops), float(fixed)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"profile {profile.name!r}: blocks section is incomplete ({err!r})") from None
+
+
+def create_predictor(profile: "DeviceProfile", name: str | None = None) -> LatencyPredictor:
+    """The fitted predictor `name` (None: the profile's default, chosen by cross-validated error)."""
+    name = name or profile.default_predictor
+    if name not in PREDICTORS:
+        raise ValueError(f"unknown predictor {name!r}; known: {', '.join(PREDICTORS)}")
+    if name not in profile.predictors:
+        raise ValueError(f"profile {profile.name!r} has no fitted {name!r} predictor; it has {sorted(profile.predictors)}")
+    table, fixed = profile_tables(profile)
+    return PREDICTORS[name].from_dict(profile.predictors[name], table, fixed)
+
+
+__all__ = ["PREDICTORS", "BlockSumPredictor", "CalibratedPredictor", "ScaledBlockSumPredictor", "LatencyPredictor", "create_predictor", "encode_all"]

@@ -1,0 +1,82 @@
+"""LatencyPredictor: every predictor is a bias plus one table entry per (pair, op, input), so predict is a lookup."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from hwnas.profiling.blocks import N_INPUTS, N_OPS, N_PAIRS
+from hwnas.space.genotype import Genotype
+from hwnas.space.ops import GENOTYPE_OPS
+
+_OP_INDEX = {op: i for i, op in enumerate(GENOTYPE_OPS)}
+# Offset of pair p's (op, input) block in the flattened table.
+_PAIR_BASE = np.arange(N_PAIRS) * (N_OPS * N_INPUTS)
+
+
+def encode_all(genotypes: Sequence[Genotype]) -> np.ndarray:
+    """(N, 2 * N_PAIRS) integer encodings, the layout of SearchSpace.encode (op, input per pair)."""
+    out = np.empty((len(genotypes), 2 * N_PAIRS), dtype=np.int64)
+    for row, g in enumerate(genotypes):
+        out[row] = [v for op, inp in g.normal + g.reduce for v in (_OP_INDEX[op], inp)]
+    return out
+
+
+def flat_index(x: np.ndarray) -> np.ndarray:
+    """(N, N_PAIRS) positions in the flattened (pair, op, input) table of encodings `x`."""
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != 2 * N_PAIRS:
+        raise ValueError(f"encodings must have shape (N, {2 * N_PAIRS}), got {x.shape}")
+    return _PAIR_BASE + x[:, 0::2] * N_INPUTS + x[:, 1::2]
+
+
+class LatencyPredictor:
+    """scikit-learn style: `fit(genotypes, latency_ms)` sets `intercept_` and `table_`; `predict` is pure."""
+
+    name = "base"
+
+    def __init__(self, block_table: np.ndarray, fixed_ms: float) -> None:
+        self.block_table = np.asarray(block_table, dtype=float)  # (N_PAIRS, N_OPS, N_INPUTS) summed block ms
+        self.fixed_ms = float(fixed_ms)  # genotype-independent parts: stem, preprocessing, head, run overhead
+
+    def fit(self, genotypes: Sequence[Genotype], latency_ms: np.ndarray) -> "LatencyPredictor":
+        """Fit on measured whole networks; returns self."""
+        return self.fit_encoded(encode_all(genotypes), np.asarray(latency_ms, dtype=float))
+
+    def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray) -> "LatencyPredictor":
+        """Fit on integer encodings (N, 32)."""
+        raise NotImplementedError
+
+    def predict(self, genotypes: Sequence[Genotype]) -> np.ndarray:
+        """Predicted latency (ms) of each genotype."""
+        return self.predict_encoded(encode_all(genotypes))
+
+    def predict_encoded(self, x: np.ndarray) -> np.ndarray:
+        """Predicted latency (ms) from integer encodings (N, 32): a table lookup and a row sum."""
+        if not hasattr(self, "table_"):
+            raise ValueError(f"predictor {self.name!r} is not fitted; call fit() or load it from a profile")
+        return self.intercept_ + self.table_.ravel()[flat_index(x)].sum(axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fitted parameters for the profile file (the table is what `predict` uses)."""
+        return {
+            "name": self.name,
+            "intercept_ms": float(self.intercept_),
+            "table_ms": np.round(self.table_, 7).tolist(),
+            "coef": [float(c) for c in getattr(self, "coef_", [])],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], block_table: np.ndarray, fixed_ms: float) -> "LatencyPredictor":
+        """Rebuild a fitted predictor from `to_dict` output; errors name the bad field."""
+        pred = cls(block_table, fixed_ms)
+        try:
+            table = np.asarray(data["table_ms"], dtype=float)
+            intercept = float(data["intercept_ms"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"predictor {cls.name!r}: bad or missing parameters ({err})") from None
+        if table.shape != (N_PAIRS, N_OPS, N_INPUTS):
+            raise ValueError(f"predictor {cls.name!r}: table_ms has shape {table.shape}, expected {(N_PAIRS, N_OPS, N_INPUTS)}")
+        pred.table_, pred.intercept_ = table, intercept
+        pred.coef_ = np.asarray(data.get("coef", []), dtype=float)
+        return pred

@@ -1,0 +1,84 @@
+"""Two predictors: the plain sum of per-block latencies, and a regression that calibrates it on whole networks."""
+from __future__ import annotations
+
+import numpy as np
+
+from hwnas.predictors.base import LatencyPredictor, flat_index
+from hwnas.profiling.blocks import N_OPS
+
+
+class BlockSumPredictor(LatencyPredictor):
+    """Latency = fixed parts + sum of the isolated latencies of the blocks a genotype runs; nothing fitted."""
+
+    name = "blocksum"
+
+    def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray) -> "BlockSumPredictor":
+        """Nothing to learn: the tables come from the block measurements."""
+        self.intercept_ = self.fixed_ms
+        self.table_ = self.block_table.copy()
+        return self
+
+
+class CalibratedPredictor(LatencyPredictor):
+    """Ridge regression on per-op-kind block-latency sums and op counts, folded back into one table.
+
+    Isolated blocks miss what the whole graph does (fusions, cache reuse, per-node overhead); a scale per
+    op kind and a cost per op instance correct both, and stay linear, so prediction remains a lookup.
+    """
+
+    name = "calibrated"
+
+    def __init__(self, block_table: np.ndarray, fixed_ms: float, alphas: tuple[float, ...] = tuple(np.logspace(-4, 3, 15))) -> None:
+        super().__init__(block_table, fixed_ms)
+        self.alphas = alphas
+
+    def prior(self) -> np.ndarray:
+        """Coefficients meaning "the blocks simply add up": what the ridge penalty shrinks towards."""
+        return np.concatenate([np.ones(N_OPS), np.zeros(N_OPS)])
+
+    def basis(self) -> np.ndarray:
+        """(N_PAIRS, N_OPS, N_INPUTS, 2 * N_OPS) features of each table entry: its block ms and a count, per op kind."""
+        pairs, ops, inputs = self.block_table.shape
+        phi = np.zeros((pairs, ops, inputs, 2 * N_OPS))
+        for o in range(ops):
+            phi[:, o, :, o] = self.block_table[:, o, :]
+            phi[:, o, :, N_OPS + o] = 1.0
+        return phi
+
+    def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray) -> "CalibratedPredictor":
+        """Fit the ridge model (alpha by leave-one-out CV) on encodings and measured latencies."""
+        from sklearn.linear_model import RidgeCV
+
+        y = np.asarray(latency_ms, dtype=float)
+        if len(y) != len(x) or len(y) < 3:
+            raise ValueError(f"need >= 3 measured networks with one latency each, got {len(x)} and {len(y)}")
+        phi = self.basis()
+        flat_phi = phi.reshape(-1, phi.shape[-1])
+        feats = flat_phi[flat_index(x)].sum(axis=1)  # (N, F)
+        # Regress the residual of the plain block sum, so the ridge penalty pulls towards "blocks add up"
+        # (scale 1, no per-op cost) instead of towards zero latency when calibration networks are few.
+        prior = self.prior()
+        resid = y - self.fixed_ms - feats @ prior
+        scale = feats.std(axis=0)
+        scale[scale == 0] = 1.0  # constant columns (e.g. counts fixed by the space) carry no information
+        # Weights 1/y^2 make the squared error a relative one: the figures that matter are percentages.
+        model = RidgeCV(alphas=self.alphas).fit(feats / scale, resid, sample_weight=1.0 / y**2)
+        self.coef_ = prior + model.coef_ / scale
+        self.alpha_ = float(model.alpha_)
+        self.intercept_ = self.fixed_ms + float(model.intercept_)
+        self.table_ = phi @ self.coef_
+        return self
+
+
+class ScaledBlockSumPredictor(CalibratedPredictor):
+    """Latency = a + b * (sum of block latencies): two numbers fitted, robust when calibration networks are few."""
+
+    name = "scaled"
+
+    def prior(self) -> np.ndarray:
+        """Scale 1: the blocks add up."""
+        return np.ones(1)
+
+    def basis(self) -> np.ndarray:
+        """One feature per table entry: its block latency."""
+        return self.block_table[..., None]

@@ -1,0 +1,167 @@
+"""The device profile file: what was measured where, the fitted predictors and their honest validation."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hwnas.config import MacroConfig
+from hwnas.space.genotype import SPACE_NAME
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KIND = "hwnas-device-profile"
+# Fingerprint fields that must agree for a profile's latencies to transfer to this machine.
+FINGERPRINT_KEYS = ("cpu_model", "cores", "machine", "onnxruntime_version")
+VALIDATION_KEYS = ("n", "mape", "within_5pct", "within_10pct", "spearman", "kendall", "noise_ceiling_within_10pct")
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    """Write JSON to a temp file next to `path`, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; profiles are meant to be shared and committed
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file; errors name the file and say whether it is missing, truncated or not JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what} file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a {what} file (not UTF-8 text)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        hint = "truncated or corrupt" if text.strip() else "empty"
+        raise ValueError(f"{path}: {what} file is {hint}: invalid JSON ({err})") from None
+
+
+@dataclass
+class DeviceProfile:
+    """A measured latency profile of one device for one space + macro config (see DESIGN.md)."""
+
+    name: str
+    device: dict[str, Any]  # fingerprint + threads + graph optimization level + timing config
+    macro: MacroConfig
+    validation: dict[str, Any]
+    space: str = SPACE_NAME
+    sentinel: dict[str, Any] = field(default_factory=dict)  # {"arch": ..., "latency_ms": ...}
+    blocks: dict[str, Any] = field(default_factory=dict)  # {"overhead_ms", "fixed": {...}, "ops": {...}}
+    calibration: list[dict[str, Any]] = field(default_factory=list)  # {"arch_id", "x", "latency_ms"}
+    validation_set: list[dict[str, Any]] = field(default_factory=list)  # + "latency_ms_b"
+    predictors: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> fitted parameters
+    default_predictor: str = "calibrated"
+    meta: dict[str, Any] = field(default_factory=dict)  # created, elapsed, config, notes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile JSON object."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "device": self.device,
+            "space": {"name": self.space, "macro": self.macro.to_dict()},
+            "sentinel": self.sentinel,
+            "blocks": self.blocks,
+            "calibration": self.calibration,
+            "validation_set": self.validation_set,
+            "predictors": self.predictors,
+            "default_predictor": self.default_predictor,
+            "validation": self.validation,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "DeviceProfile":
+        """Parse a profile object; errors name the bad field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"not a device profile: expected a JSON object, got {type(data).__name__}")
+        if data.get("kind") != KIND:
+            raise ValueError(f"not a device profile: 'kind' is {data.get('kind')!r}, expected {KIND!r}")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"unsupported schema_version {version!r}; this hwnas reads version {SCHEMA_VERSION}")
+        for key in ("name", "device", "space", "validation", "blocks", "predictors", "default_predictor"):
+            if key not in data:
+                raise ValueError(f"missing field {key!r}")
+        space = data["space"]
+        if not isinstance(space, dict) or "name" not in space or "macro" not in space:
+            raise ValueError("field 'space' must be an object with 'name' and 'macro'")
+        if space["name"] != SPACE_NAME:
+            raise ValueError(f"profile is for space {space['name']!r}, this hwnas searches {SPACE_NAME!r}")
+        try:
+            macro = MacroConfig.from_dict(space["macro"])
+        except ValueError as err:
+            raise ValueError(f"space.{err}") from None
+        for key in ("device", "validation", "blocks", "predictors"):
+            if not isinstance(data[key], dict):
+                raise ValueError(f"field {key!r} must be an object")
+        missing = [k for k in VALIDATION_KEYS if k not in data["validation"]]
+        if missing:
+            raise ValueError(f"validation block is missing {missing}")
+        if data["default_predictor"] not in data["predictors"]:
+            raise ValueError(f"default_predictor {data['default_predictor']!r} is not among predictors {sorted(data['predictors'])}")
+        return cls(
+            name=str(data["name"]), device=data["device"], macro=macro, validation=data["validation"],
+            space=space["name"], sentinel=data.get("sentinel", {}), blocks=data["blocks"],
+            calibration=list(data.get("calibration", [])), validation_set=list(data.get("validation_set", [])),
+            predictors=data["predictors"], default_predictor=data["default_predictor"], meta=data.get("meta", {}),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write the profile atomically (temp file + os.replace)."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path, expected_macro: MacroConfig | None = None) -> "DeviceProfile":
+        """Read and validate a profile; ValueError names the file and problem; warns on another device."""
+        path = Path(path)
+        data = read_json(path, "device profile")
+        try:
+            profile = cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        if expected_macro is not None and profile.macro != expected_macro:
+            raise ValueError(
+                f"{path}: profile was measured for macro {profile.macro.to_dict()}, "
+                f"but the networks use macro {expected_macro.to_dict()}; run `hwnas profile` for that macro"
+            )
+        if not profile.matches_this_device():
+            msg = (
+                f"{path}: profile was measured on another device ({profile.fingerprint_summary()}); "
+                "its latency predictions may not hold on this machine"
+            )
+            warnings.warn(msg, stacklevel=2)
+            log.warning(msg)
+        return profile
+
+    def fingerprint_summary(self) -> str:
+        """The identifying fingerprint fields, for messages."""
+        return ", ".join(f"{k}={self.device.get(k)!r}" for k in FINGERPRINT_KEYS)
+
+    def matches_this_device(self) -> bool:
+        """True when cpu model, cores, architecture and onnxruntime version equal this machine's."""
+        from hwnas.profiling.fingerprint import device_fingerprint
+
+        here = device_fingerprint()
+        return all(self.device.get(k) == here.get(k) for k in FINGERPRINT_KEYS)

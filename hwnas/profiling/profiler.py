@@ -1,0 +1,309 @@
+"""profile_device: time blocks and whole networks on this device, fit the predictors, validate them honestly."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from torch import nn
+
+from hwnas.config import MacroConfig, ProfileConfig
+from hwnas.profiling import timer
+from hwnas.profiling.blocks import BlockSpec, fixed_blocks, op_blocks
+from hwnas.profiling.device_profile import DeviceProfile, atomic_write_json, read_json
+from hwnas.profiling.onnx_io import onnx_bytes
+from hwnas.space.genotype import Genotype, SearchSpace
+from hwnas.space.network import Network
+
+log = logging.getLogger(__name__)
+
+SIDECAR_SCHEMA_VERSION = 1
+SENTINEL_SEED = 20_240_917  # fixed: every profile and measurement of a macro times the same sentinel
+Progress = Callable[[int, int, str], None]  # (advance, total, stage)
+
+
+def sentinel_genotype(macro: MacroConfig) -> Genotype:
+    """The fixed reference network re-timed before every candidate to track drift."""
+    return SearchSpace(macro).sample(np.random.default_rng(SENTINEL_SEED))
+
+
+def default_out(cfg: ProfileConfig) -> Path:
+    """profiles/<device>.json unless --out says otherwise."""
+    return Path(cfg.out) if cfg.out else Path("profiles") / f"{cfg.device}.json"
+
+
+def sidecar_path(out: Path) -> Path:
+    """Where the partial state of an interrupted profile lives."""
+    return out.with_name(out.name + ".partial.json")
+
+
+def sample_sets(macro: MacroConfig, n_cal: int, n_val: int, seed: int) -> tuple[list[Genotype], list[Genotype]]:
+    """Random calibration and held-out validation genotypes, disjoint from each other and the sentinel."""
+    space, rng = SearchSpace(macro), np.random.default_rng(seed)
+    seen = {sentinel_genotype(macro).arch_id}
+    out: list[Genotype] = []
+    while len(out) < n_cal + n_val:
+        g = space.sample(rng)
+        if g.arch_id not in seen:
+            seen.add(g.arch_id)
+            out.append(g)
+    return out[:n_cal], out[n_cal:]
+
+
+def network_candidate(key: str, genotype: Genotype, batch: int = 1) -> timer.Candidate:
+    """A whole network as a timing candidate (the same exporter settings as `export_onnx`)."""
+    m = genotype.macro
+    shape = (batch, m.in_channels, m.resolution, m.resolution)
+    return timer.Candidate(key, onnx_bytes(Network(genotype), shape), shape)
+
+
+def module_candidate(key: str, module: nn.Module, shape: tuple[int, ...]) -> timer.Candidate:
+    """A single block as a timing candidate."""
+    return timer.Candidate(key, onnx_bytes(module, shape), tuple(shape))
+
+
+class _Sidecar:
+    """Resumable partial state: the config it belongs to and every timing record so far, written atomically."""
+
+    def __init__(self, path: Path, key: dict[str, Any], resume: bool) -> None:
+        self.path, self.key = path, key
+        self.records: list[timer.Record] = []
+        self.elapsed_before = 0.0
+        self._last_save = 0.0
+        if resume and path.exists():
+            data = read_json(path, "partial profile")
+            if not isinstance(data, dict) or data.get("schema_version") != SIDECAR_SCHEMA_VERSION:
+                raise ValueError(f"{path}: not a partial profile of this hwnas version; delete it or run without --resume")
+            if data.get("config") != key:
+                diff = sorted(k for k in key if data.get("config", {}).get(k) != key[k])
+                raise ValueError(f"{path}: was started with different settings ({', '.join(diff)}); use the same flags or drop --resume")
+            try:
+                self.records = [(str(k), int(r), float(t), float(s)) for k, r, t, s in data["records"]]
+                self.elapsed_before = float(data.get("elapsed_s", 0.0))
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{path}: malformed timing records ({err}); delete it or run without --resume") from None
+            log.info("resuming %s: %d timings already done", path, len(self.records))
+        elif resume:
+            log.info("--resume: no partial state at %s, starting fresh", path)
+        elif path.exists():
+            log.info("replacing the partial state at %s (pass --resume to continue it instead)", path)
+        self.done = {(k, r) for k, r, _, _ in self.records}
+
+    def add(self, rec: timer.Record, elapsed: float) -> None:
+        self.records.append(rec)
+        self.done.add((rec[0], rec[1]))
+        if time.monotonic() - self._last_save > 2.0:  # a few seconds of work at most is lost on a crash
+            self.save(elapsed)
+
+    def save(self, elapsed: float) -> None:
+        atomic_write_json(self.path, {
+            "schema_version": SIDECAR_SCHEMA_VERSION, "config": self.key,
+            "elapsed_s": elapsed, "records": [list(r) for r in self.records],
+        })
+        self._last_save = time.monotonic()
+
+
+@dataclass
+class Plan:
+    """What a profile measures: the sentinel, blocks, fixed parts, calibration and validation networks."""
+
+    cfg: ProfileConfig
+    sentinel: Genotype
+    blocks: list[BlockSpec]
+    fixed: dict[str, tuple[nn.Module, tuple[int, ...]]]
+    calibration: list[Genotype]
+    validation: list[Genotype]
+
+    def jobs(self) -> list[tuple[str, Callable[[], timer.Candidate]]]:
+        """(key, build candidate) per timed model, cheap first; building exports ONNX."""
+        first = self.fixed["stem"][1]
+        return [
+            ("overhead", lambda: module_candidate("overhead", nn.Identity(), first)),
+            *((f"fixed:{n}", lambda n=n, m=m, s=s: module_candidate(f"fixed:{n}", m, s)) for n, (m, s) in self.fixed.items()),
+            *((f"block:{b.key}", lambda b=b: module_candidate(f"block:{b.key}", b.module(), b.input_shape)) for b in self.blocks),
+            *((f"cal:{g.arch_id}", lambda g=g: network_candidate(f"cal:{g.arch_id}", g)) for g in self.calibration),
+            *((f"val:{g.arch_id}", lambda g=g: network_candidate(f"val:{g.arch_id}", g)) for g in self.validation),
+        ]
+
+
+def make_plan(cfg: ProfileConfig) -> Plan:
+    """The deterministic measurement plan of `cfg` (same seed, same networks: what makes --resume possible)."""
+    cfg = cfg.resolved()
+    sentinel = sentinel_genotype(cfg.macro)
+    cal, val = sample_sets(cfg.macro, cfg.n_calibration, cfg.n_validation, cfg.seed)
+    return Plan(cfg, sentinel, op_blocks(cfg.macro), fixed_blocks(cfg.macro, sentinel), cal, val)
+
+
+def profile_device(cfg: ProfileConfig, progress: Progress | None = None) -> DeviceProfile:
+    """Measure this device for `cfg.macro`, fit the predictors, validate, write the profile; returns it."""
+    from hwnas.profiling.fingerprint import device_fingerprint
+
+    cfg = cfg.resolved()
+    out = default_out(cfg)
+    tcfg = timing_config(cfg)
+    side = _Sidecar(sidecar_path(out), cfg.measurement_key(), cfg.resume)
+    t_start = time.monotonic()
+    elapsed = lambda: side.elapsed_before + time.monotonic() - t_start  # noqa: E731
+    budget_s = cfg.budget_min * 60
+
+    plan = make_plan(cfg)
+    jobs = plan.jobs()
+    total = len(jobs) + 1 + cfg.rounds * len(jobs)
+    step = progress or (lambda advance, total, stage: None)
+    sentinel = network_candidate("sentinel", plan.sentinel)
+    candidates = []
+    for _, make in jobs:
+        candidates.append(make())
+        step(1, total, "export")
+    step(1, total, "export")
+    step(len(side.records), total, "resumed")
+
+    rounds_run = 0
+    t_timing, n_before = time.monotonic(), len(side.records)
+    try:
+        for r in range(cfg.rounds):
+            pending = sum((c.key, r) not in side.done for c in candidates)
+            if pending == 0:
+                rounds_run += 1
+                continue
+            per_task = (time.monotonic() - t_timing) / max(len(side.records) - n_before, 1)
+            if rounds_run >= 2 and elapsed() + pending * per_task > budget_s:
+                log.warning("time budget of %.1f min reached after %d of %d rounds; the profile uses those (--resume adds the rest)",
+                            cfg.budget_min, rounds_run, cfg.rounds)
+                break
+            timer.run_round(
+                candidates, r, tcfg, sentinel, seed=cfg.seed,
+                done=lambda k, rr: (k, rr) in side.done,
+                on_record=lambda rec: (side.add(rec, elapsed()), step(1, total, f"round {rec[1] + 1}/{cfg.rounds}")),
+            )
+            rounds_run += 1
+    except BaseException:
+        side.save(elapsed())  # interrupted: keep every finished timing for --resume
+        raise
+    side.save(elapsed())
+
+    profile = profile_from_records(plan, side.records, device_fingerprint())
+    profile.meta.update({"elapsed_s": round(elapsed(), 1), "rounds_completed": rounds_run})
+    profile.save(out)
+    if rounds_run == cfg.rounds:
+        side.path.unlink(missing_ok=True)
+    log.info("wrote %s", out)
+    return profile
+
+
+def timing_config(cfg: ProfileConfig) -> timer.TimingConfig:
+    """The timer settings a profile config implies."""
+    return timer.TimingConfig(threads=cfg.threads, optimization_level=cfg.optimization_level,
+                              warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds)
+
+
+def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprint: dict[str, Any]) -> DeviceProfile:
+    """Turn timing records into a DeviceProfile: block tables, measured sets, fitted predictors, validation."""
+    from hwnas.predictors import PREDICTORS, encode_all
+    from hwnas.profiling.blocks import pair_tables
+
+    cfg, blocks, fixed_names = plan.cfg, plan.blocks, list(plan.fixed)
+    cal, val, sentinel_g, tcfg = plan.calibration, plan.validation, plan.sentinel, timing_config(plan.cfg)
+    sent_ref = timer.sentinel_median(records, tcfg.drift_window)
+    kw = {"how": tcfg.combine, "window": tcfg.drift_window}
+    lat = timer.combine(records, sent_ref, **kw)
+    lat_a = timer.combine(records, sent_ref, rounds=range(0, cfg.rounds, 2), **kw)
+    lat_b = timer.combine(records, sent_ref, rounds=range(1, cfg.rounds, 2), **kw)
+    missing = [k for k in ["overhead", *(f"fixed:{n}" for n in fixed_names), *(f"block:{b.key}" for b in blocks)] if k not in lat]
+    val_ok = [g for g in val if f"val:{g.arch_id}" in lat_a and f"val:{g.arch_id}" in lat_b]
+    cal_ok = [g for g in cal if f"cal:{g.arch_id}" in lat]
+    if missing or len(val_ok) < 3 or len(cal_ok) < 3:
+        raise ValueError("too few timings to build a profile (budget too small?); run again with --resume")
+
+    overhead = lat["overhead"]
+    # A block's own cost is its session time minus the cost of running an empty graph.
+    ops_ms = {b.key: max(lat[f"block:{b.key}"] - overhead, 0.0) for b in blocks}
+    fixed_ms = {n: max(lat[f"fixed:{n}"] - overhead, 0.0) for n in fixed_names}
+    table = pair_tables(cfg.macro, ops_ms)
+    fixed_total = sum(fixed_ms.values()) + overhead
+
+    x_cal = encode_all(cal_ok)
+    y_cal = np.array([lat[f"cal:{g.arch_id}"] for g in cal_ok])
+    x_val = encode_all(val_ok)
+    y_a = np.array([lat_a[f"val:{g.arch_id}"] for g in val_ok])
+    y_b = np.array([lat_b[f"val:{g.arch_id}"] for g in val_ok])
+    fitted, per_pred, cv = {}, {}, {}
+    for name, cls in PREDICTORS.items():
+        pred = cls(table, fixed_total).fit_encoded(x_cal, y_cal)
+        fitted[name] = pred.to_dict()
+        per_pred[name] = validation_figures(pred.predict_encoded(x_val), y_a, y_b)
+        cv[name] = cv_mape(cls, table, fixed_total, x_cal, y_cal, seed=cfg.seed)
+    default = min(cv, key=cv.get)  # chosen on the calibration set, so the held-out figures stay honest
+    validation = {**per_pred[default], "predictor": default, "per_predictor": per_pred,
+                  "cv_mape_calibration": cv, "compared_against": "each figure is the mean of the predictor vs measurement A (even rounds) and vs measurement B (odd rounds)"}
+
+    device = {
+        "name": cfg.device, **fingerprint, "provider": "CPUExecutionProvider",
+        "threads": cfg.threads, "graph_optimization_level": f"ORT_ENABLE_{cfg.optimization_level.upper()}"
+        if cfg.optimization_level != "disable" else "ORT_DISABLE_ALL",
+        "execution_mode": "ORT_SEQUENTIAL", "allow_spinning": False, "timing": tcfg.to_dict(),
+        "methodology": "fresh session per candidate per round, input bound once (io_binding), first run discarded, "
+                       "warm-up, median of timed runs; rounds interleaved in shuffled order; drift corrected by a "
+                       "sentinel timed before each candidate (moving-minimum level); min over rounds",
+    }
+    return DeviceProfile(
+        name=cfg.device, device=device, macro=cfg.macro, validation=validation,
+        sentinel={"arch": sentinel_g.to_dict(), "arch_id": sentinel_g.arch_id, "latency_ms": sent_ref},
+        blocks={"overhead_ms": overhead, "fixed_ms": fixed_ms, "ops_ms": ops_ms},
+        calibration=[{"arch_id": g.arch_id, "x": x.tolist(), "latency_ms": float(y)} for g, x, y in zip(cal_ok, x_cal, y_cal)],
+        validation_set=[{"arch_id": g.arch_id, "x": x.tolist(), "latency_ms_a": float(a), "latency_ms_b": float(b)}
+                        for g, x, a, b in zip(val_ok, x_val, y_a, y_b)],
+        predictors=fitted, default_predictor=default,
+        meta={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.measurement_key(),
+              "quick": cfg.quick, "n_records": len(records)},
+    )
+
+
+def validation_figures(pred: np.ndarray, meas_a: np.ndarray, meas_b: np.ndarray) -> dict[str, Any]:
+    """Predictor vs each of the two independent measurements (averaged), next to their noise ceiling."""
+    from hwnas.predictors.metrics import agreement, noise_ceiling
+
+    fa, fb = agreement(pred, meas_a), agreement(pred, meas_b)
+    figs: dict[str, Any] = {k: (fa[k] + fb[k]) / 2 for k in fa if k != "n"}
+    figs["n"] = fa["n"]
+    figs.update(noise_ceiling(meas_a, meas_b))
+    figs["latency_range_ms"] = [float(np.min(meas_a)), float(np.max(meas_a))]
+    return figs
+
+
+def cv_mape(cls: type, table: np.ndarray, fixed: float, x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+    """K-fold cross-validated MAPE (%) on the calibration set."""
+    idx = np.random.default_rng(seed).permutation(len(y))
+    errs = []
+    for part in np.array_split(idx, min(folds, len(y))):
+        train = np.setdiff1d(idx, part)
+        pred = cls(table, fixed).fit_encoded(x[train], y[train]).predict_encoded(x[part])
+        errs.append(np.abs(pred / y[part] - 1))
+    return float(np.mean(np.concatenate(errs)) * 100)
+
+
+def measure_genotypes(
+    genotypes: list[Genotype], threads: int = 1, rounds: int = 4, runs: int = 100, warmup: int = 10,
+    optimization_level: str = "all", sentinel: bool = True, progress: Progress | None = None,
+    return_sentinel: bool = False, seed: int = 0,
+) -> np.ndarray | tuple[np.ndarray, float]:
+    """Measured latency (ms) of each genotype with the profiling methodology (sentinel-corrected medians)."""
+    if not genotypes:
+        return np.zeros(0)
+    macros = {g.macro for g in genotypes}
+    if len(macros) != 1:
+        raise ValueError(f"all architectures must share one macro config to be measured together, got {len(macros)}")
+    tcfg = timer.TimingConfig(threads=threads, optimization_level=optimization_level, warmup=warmup, runs=runs,
+                              rounds=rounds, sentinel=sentinel)
+    keys = [f"{i}:{g.arch_id}" for i, g in enumerate(genotypes)]
+    cands = [network_candidate(k, g) for k, g in zip(keys, genotypes)]
+    sent = network_candidate("sentinel", sentinel_genotype(genotypes[0].macro)) if sentinel else None
+    total = rounds * len(cands)
+    lat, records = timer.measure_models(cands, tcfg, sent, seed=seed,
+                                        progress=(lambda n: progress(n, total, "measure")) if progress else None)
+    ms = np.array([lat[k] for k in keys])
+    return (ms, timer.sentinel_median(records, tcfg.drift_window)) if return_sentinel else ms

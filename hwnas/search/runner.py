@@ -1,0 +1,352 @@
+"""Run a search (pymoo NSGA-II or random sampling at the same budget) with a JSON checkpoint every generation."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from hwnas.config import SearchConfig
+from hwnas.search.front import ParetoFront, atomic_write_text
+from hwnas.search.problem import HWNASProblem, SpaceRepair
+from hwnas.space.genotype import Genotype
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_KIND = "hwnas-search-checkpoint"
+# Fields that may differ between an interrupted run and its resumption without changing the result.
+RESUME_MAY_CHANGE = ("gens", "workers", "scheduler")
+Progress = Callable[[dict[str, Any]], None]
+
+
+# -- JSON helpers: checkpoints hold only numbers, strings and lists (no pickles) ---------------------------
+def _num(v: float | None) -> float | str | None:
+    """A float for JSON; non-finite values (crowding distance is inf at the boundary) become strings.
+
+    None stays None: NSGA-II leaves rank and crowding unset on infeasible individuals.
+    """
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else str(v)
+
+
+def _unnum(v: float | str | None) -> float | None:
+    return None if v is None else float(v)
+
+
+class _Archive:
+    """Every architecture this search evaluated, in evaluation order: the search's own record, not the cache."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def add(self, genotypes: list[Genotype], X: np.ndarray, F: np.ndarray, violation: np.ndarray) -> None:
+        for g, x, f, v in zip(genotypes, X, F, violation):
+            self.rows.setdefault(g.arch_id, {"x": [int(a) for a in x], "F": [float(a) for a in f],
+                                             "violation": float(v), "genotype": g})
+
+    def front(self, reference_point: np.ndarray, **kwargs: Any) -> ParetoFront:
+        rows = list(self.rows.values())
+        F = np.array([r["F"] for r in rows], dtype=float).reshape(-1, 3)
+        violation = np.array([r["violation"] for r in rows], dtype=float)
+        return ParetoFront.from_evaluations([r["genotype"] for r in rows], F, violation, reference_point,
+                                            n_evaluations=len(rows), **kwargs)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{"arch_id": aid, "x": r["x"], "F": r["F"], "violation": r["violation"]} for aid, r in self.rows.items()]
+
+    @classmethod
+    def from_json(cls, rows: Any, problem: HWNASProblem, source: str) -> "_Archive":
+        archive = cls()
+        if not isinstance(rows, list):
+            raise ValueError(f"{source}: archive: expected a list")
+        for i, row in enumerate(rows):
+            try:
+                g = problem.space.decode(np.asarray(row["x"], dtype=int))
+                F = np.asarray(row["F"], dtype=float).reshape(3)
+                violation = float(row["violation"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"{source}: archive[{i}]: {err}") from None
+            if g.arch_id != row.get("arch_id"):
+                raise ValueError(f"{source}: archive[{i}]: arch_id does not match its encoding")
+            archive.rows[g.arch_id] = {"x": [int(a) for a in row["x"]], "F": F.tolist(), "violation": violation,
+                                       "genotype": g}
+            problem.cache.setdefault(g.arch_id, F)  # a resumed run reuses the objectives it already paid for
+        return archive
+
+
+def _violation(problem: HWNASProblem, F: np.ndarray) -> np.ndarray:
+    """Total budget violation per row (pymoo's CV: sum of the positive parts)."""
+    return np.maximum(problem.violations(F), 0.0).sum(axis=1)
+
+
+@contextmanager
+def evaluation_runner(cfg: SearchConfig) -> Iterator[tuple[Any, int]]:
+    """(pymoo runner, number of workers): Dask when asked for (scheduler address or workers > 1), else in process."""
+    if not cfg.scheduler and cfg.workers <= 1:
+        yield None, 1
+        return
+    from dask.distributed import Client, LocalCluster
+    from pymoo.parallelization.dask import DaskParallelization
+
+    cluster = None
+    if cfg.scheduler:
+        try:
+            client = Client(cfg.scheduler, timeout=30)
+        except OSError as err:
+            raise ValueError(f"cannot reach the Dask scheduler at {cfg.scheduler!r}: {err}") from None
+    else:
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        log.info("evaluating through Dask (%s, %d workers)", client.scheduler.address, n_workers)
+        yield DaskParallelization(client), n_workers
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _make_nsga2(problem: HWNASProblem, cfg: SearchConfig) -> Any:
+    """pymoo NSGA-II over the integer encoding: integer sampling, SBX + PM rounded to integers, space repair."""
+    from pymoo.algorithms.moo.nsga2 import NSGA2
+    from pymoo.operators.crossover.sbx import SBX
+    from pymoo.operators.mutation.pm import PM
+    from pymoo.operators.repair.rounding import RoundingRepair
+    from pymoo.operators.sampling.rnd import IntegerRandomSampling
+
+    # pymoo's integer recipe: real-valued SBX/PM then rounding (vtype=int would truncate, biasing to the
+    # lower bound); SpaceRepair then makes every row a valid genotype in canonical form.
+    algorithm = NSGA2(
+        pop_size=cfg.pop,
+        sampling=IntegerRandomSampling(),
+        crossover=SBX(prob=0.9, eta=3.0, vtype=float, repair=RoundingRepair()),
+        mutation=PM(eta=3.0, vtype=float, repair=RoundingRepair()),
+        repair=SpaceRepair(problem.space),
+        eliminate_duplicates=True,
+    )
+    algorithm.setup(problem, termination=("n_gen", cfg.gens), seed=cfg.seed, verbose=False)
+    return algorithm
+
+
+class _Checkpoint:
+    """Reads and writes the per-generation JSON checkpoint."""
+
+    def __init__(self, path: Path | None, problem: HWNASProblem, cfg: SearchConfig, reference_point: np.ndarray):
+        self.path, self.problem, self.cfg, self.reference_point = path, problem, cfg, reference_point
+
+    def write(self, generation: int, rng_state: dict, archive: _Archive, history: list[dict], n_eval: int,
+              population: dict[str, Any] | None) -> None:
+        if self.path is None:
+            return
+        data = {
+            "schema_version": CHECKPOINT_VERSION,
+            "kind": CHECKPOINT_KIND,
+            "config": self.cfg.to_dict(),
+            "space": self.problem.space.name,
+            "macro": self.problem.space.macro.to_dict(),
+            "budgets": self.problem.budgets,
+            "reference_point": self.reference_point.tolist(),
+            "generation": generation,
+            "n_eval": n_eval,
+            "rng": rng_state,
+            "population": population,
+            "archive": archive.to_json(),
+            "history": history,
+        }
+        atomic_write_text(self.path, json.dumps(data) + "\n")
+
+    def read(self, path: Path) -> dict[str, Any]:
+        source = str(path)
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{source}: no checkpoint to resume from") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{source}: checkpoint is not valid JSON ({err})") from None
+        if not isinstance(data, dict) or data.get("kind") != CHECKPOINT_KIND:
+            raise ValueError(f"{source}: not an hwnas search checkpoint")
+        if data.get("schema_version") != CHECKPOINT_VERSION:
+            raise ValueError(f"{source}: schema_version: expected {CHECKPOINT_VERSION}, got {data.get('schema_version')!r}")
+        try:
+            saved = SearchConfig.from_dict(data["config"])
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{source}: config: {err}") from None
+        for key, want in self.cfg.to_dict().items():
+            if key not in RESUME_MAY_CHANGE and getattr(saved, key) != want:
+                raise ValueError(f"{source}: the checkpoint was made with {key}={getattr(saved, key)!r}, "
+                                 f"this run asks for {want!r}; resume with the same settings or use a new --out")
+        if data.get("macro") != self.problem.space.macro.to_dict() or data.get("space") != self.problem.space.name:
+            raise ValueError(f"{source}: the checkpoint searched macro {data.get('macro')}, this problem uses "
+                             f"{self.problem.space.macro.to_dict()}")
+        if data.get("budgets") != self.problem.budgets:
+            raise ValueError(f"{source}: budgets {data.get('budgets')} differ from this run's {self.problem.budgets}")
+        for key in ("generation", "n_eval", "rng", "archive", "history", "reference_point"):
+            if key not in data:
+                raise ValueError(f"{source}: missing field {key!r}")
+        return data
+
+
+def _population_to_json(pop: Any) -> dict[str, Any]:
+    X, F, G, H = pop.get("X", "F", "G", "H")
+    rank, crowding = pop.get("rank", "crowding")
+    return {
+        "X": np.asarray(X).astype(int).tolist(),
+        "F": np.asarray(F, dtype=float).tolist(),
+        "G": np.asarray(G, dtype=float).reshape(len(pop), -1).tolist(),
+        "H": np.asarray(H, dtype=float).reshape(len(pop), -1).tolist(),
+        "rank": [None if r is None else int(r) for r in rank],
+        "crowding": [_num(c) for c in crowding],
+    }
+
+
+def _population_from_json(data: Any, source: str) -> Any:
+    from pymoo.core.population import Population
+
+    try:
+        X = np.asarray(data["X"], dtype=int)
+        n = len(X)
+        pop = Population.new(
+            "X", X,
+            "F", np.asarray(data["F"], dtype=float).reshape(n, -1),
+            "G", np.asarray(data["G"], dtype=float).reshape(n, -1),
+            "H", np.asarray(data["H"], dtype=float).reshape(n, -1),
+            "rank", np.array([None if r is None else int(r) for r in data["rank"]], dtype=object),
+            "crowding", np.array([_unnum(c) for c in data["crowding"]], dtype=object),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{source}: population: {err}") from None
+    for ind in pop:
+        ind.evaluated = {"F", "G", "H"}
+    return pop
+
+
+def _summary(archive: _Archive, reference_point: np.ndarray, generation: int, cfg: SearchConfig) -> dict[str, Any]:
+    front = archive.front(reference_point)
+    return {
+        "gen": generation,
+        "gens": cfg.gens,
+        "algorithm": cfg.algorithm,
+        "n_evals": len(archive.rows),
+        "best_error": min((m.error for m in front.members), default=float("nan")),
+        "front_size": len(front.members),
+        "feasible": front.feasible,
+        "hypervolume": front.hypervolume,
+    }
+
+
+def search(
+    problem: HWNASProblem,
+    cfg: SearchConfig,
+    resume: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    progress: Progress | None = None,
+    reference_point: np.ndarray | None = None,
+) -> ParetoFront:
+    """Run cfg.algorithm on `problem`; checkpoint every generation to `checkpoint`; continue from `resume`.
+
+    The front is the non-dominated set of every architecture this search evaluated (the least violating
+    ones, flagged infeasible, when none meets the budgets). A resumed run gives the same front as an
+    uninterrupted one with the same seed: the checkpoint holds the population with its NSGA-II rank and
+    crowding, the generator state and every evaluated objective, all as JSON.
+    """
+    ckpt = _Checkpoint(Path(checkpoint) if checkpoint else None, problem, cfg, np.zeros(3))
+    state = ckpt.read(Path(resume)) if resume else None
+    if state is not None:
+        ref = np.asarray(state["reference_point"], dtype=float)
+    elif reference_point is not None:
+        ref = np.asarray(reference_point, dtype=float)
+    else:
+        ref = problem.reference_point()
+    ckpt.reference_point = ref
+
+    with evaluation_runner(cfg) as (runner, n_workers):
+        problem.runner, problem.n_workers = runner, n_workers
+        try:
+            if cfg.algorithm == "nsga2":
+                archive, history = _run_nsga2(problem, cfg, ckpt, state, str(resume), progress)
+            else:
+                archive, history = _run_random(problem, cfg, ckpt, state, str(resume), progress)
+        finally:
+            problem.runner, problem.n_workers = None, 1
+
+    config = {"search": cfg.to_dict(), "budgets": problem.budgets}
+    front = archive.front(ref, history=history, config=config)
+    if not front.feasible:
+        log.warning("no evaluated architecture meets the budgets %s; returning the %d least violating ones",
+                    problem.budgets, len(front.members))
+    return front
+
+
+def _run_nsga2(problem: HWNASProblem, cfg: SearchConfig, ckpt: _Checkpoint, state: dict | None, source: str,
+               progress: Progress | None) -> tuple[_Archive, list[dict]]:
+    algorithm = _make_nsga2(problem, cfg)
+    archive, history, done = _Archive(), [], 0
+    if state is not None:
+        archive = _Archive.from_json(state["archive"], problem, source)
+        history, done = list(state["history"]), int(state["generation"])
+        if done > 0:
+            algorithm.pop = _population_from_json(state["population"], source)
+            algorithm.is_initialized = True
+            algorithm.n_iter = done + 1
+            algorithm.evaluator.n_eval = int(state["n_eval"])
+            algorithm.start_time = time.time()
+            algorithm._set_optimum()
+            _set_rng_state(algorithm.random_state, state["rng"], source)
+    while done < cfg.gens and algorithm.has_next():
+        algorithm.next()
+        done += 1
+        off = algorithm.off
+        if off is not None and len(off):
+            X, F = np.asarray(off.get("X")), np.asarray(off.get("F"))
+            archive.add(problem.decode_all(X), X, F, _violation(problem, F))
+        history.append(_summary(archive, ckpt.reference_point, done, cfg))
+        ckpt.write(done, algorithm.random_state.bit_generator.state, archive, history,
+                   algorithm.evaluator.n_eval, _population_to_json(algorithm.pop))
+        if progress is not None:
+            progress(history[-1])
+    return archive, history
+
+
+def _run_random(problem: HWNASProblem, cfg: SearchConfig, ckpt: _Checkpoint, state: dict | None, source: str,
+                progress: Progress | None) -> tuple[_Archive, list[dict]]:
+    rng = np.random.default_rng(cfg.seed)
+    archive, history, done = _Archive(), [], 0
+    if state is not None:
+        archive = _Archive.from_json(state["archive"], problem, source)
+        history, done = list(state["history"]), int(state["generation"])
+        _set_rng_state(rng, state["rng"], source)
+    while done < cfg.gens:
+        # cfg.pop architectures this search has not evaluated yet (the space has ~1e14, so this ends quickly)
+        batch: dict[str, Genotype] = {}
+        for _ in range(100 * cfg.pop):
+            if len(batch) == cfg.pop:
+                break
+            g = problem.space.sample(rng)
+            if g.arch_id not in archive.rows:
+                batch.setdefault(g.arch_id, g)
+        genotypes = list(batch.values())
+        F = problem.objectives(genotypes)
+        X = np.stack([problem.space.encode(g) for g in genotypes])
+        archive.add(genotypes, X, F, _violation(problem, F))
+        done += 1
+        history.append(_summary(archive, ckpt.reference_point, done, cfg))
+        ckpt.write(done, rng.bit_generator.state, archive, history, len(archive.rows), None)
+        if progress is not None:
+            progress(history[-1])
+    return archive, history
+
+
+def _set_rng_state(rng: np.random.Generator, saved: Any, source: str) -> None:
+    try:
+        rng.bit_generator.state = saved
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"{source}: rng: not a {type(rng.bit_generator).__name__} state ({err})") from None

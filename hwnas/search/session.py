@@ -1,0 +1,112 @@
+"""One `hwnas search` run on disk: real objectives from a supernet dir + a profile, output folder, result files."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from hwnas.config import SearchConfig
+from hwnas.search.front import ParetoFront, plot_fronts
+from hwnas.search.problem import HWNASProblem
+from hwnas.search.runner import Progress, search
+
+log = logging.getLogger(__name__)
+
+FRONT = "front.json"
+FRONT_CSV = "front.csv"
+RANDOM_FRONT = "random_front.json"
+PLOT = "pareto.png"
+CHECKPOINT = "checkpoint.json"
+RANDOM_CHECKPOINT = "random_checkpoint.json"
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, checkpoint: str = CHECKPOINT) -> None:
+    """Create/check the output folder: writable, and never silently overwrite an earlier search."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"cannot write to output directory {out_dir}: {err.strerror or err}") from None
+    exists = (out_dir / checkpoint).exists()
+    if exists and not resume:
+        raise ValueError(f"{out_dir} already holds a search ({checkpoint}); pass --resume to continue it "
+                         "or choose another --out")
+
+
+def build_problem(supernet_dir: str | Path, profile_path: str | Path, cfg: SearchConfig,
+                  estimator_kwargs: dict[str, Any] | None = None, valid_subset: int | None = None) -> HWNASProblem:
+    """The search problem on the real objectives: supernet accuracy estimate + the profile's latency predictor.
+
+    `valid_subset` estimates on the first N validation images only (a cheaper, noisier estimate).
+    """
+    from hwnas.predictors import create_predictor
+    from hwnas.profiling.device_profile import DeviceProfile
+    from hwnas.space.genotype import SearchSpace
+    from hwnas.train import AccuracyEstimator, load_data, load_supernet
+
+    supernet, sn_cfg = load_supernet(Path(supernet_dir))
+    # The profile must describe the networks the supernet produces; DeviceProfile.load names both macros if not.
+    profile = DeviceProfile.load(profile_path, expected_macro=sn_cfg.macro)
+    predictor = create_predictor(profile)
+    data = load_data(sn_cfg)
+    if valid_subset is not None:
+        from dataclasses import replace as dc_replace
+
+        from torch.utils.data import TensorDataset
+
+        x, y = data.valid.tensors
+        data = dc_replace(data, valid=TensorDataset(x[:valid_subset], y[:valid_subset]))
+    estimator = AccuracyEstimator(supernet, data, **(estimator_kwargs or {}))
+    return HWNASProblem(SearchSpace(sn_cfg.macro), estimator.error, predictor.predict,
+                        max_latency_ms=cfg.max_latency_ms, max_params_m=cfg.max_params_m)
+
+
+def run_search(problem: HWNASProblem, cfg: SearchConfig, out_dir: str | Path, resume: bool = False,
+               compare_random: bool = False, progress: Progress | None = None,
+               provenance: dict[str, Any] | None = None) -> tuple[ParetoFront, ParetoFront | None]:
+    """Search into out_dir (checkpoint, front.json, front.csv, pareto.png); optionally random search beside it."""
+    out_dir = Path(out_dir)
+    prepare_out_dir(out_dir, resume)
+    ref = None
+    front = search(problem, cfg, resume=out_dir / CHECKPOINT if resume and (out_dir / CHECKPOINT).exists() else None,
+                   checkpoint=out_dir / CHECKPOINT, progress=progress)
+    front.config.update(provenance or {})
+    front.save(out_dir / FRONT)
+    front.save_csv(out_dir / FRONT_CSV)
+    baseline = None
+    if compare_random and cfg.algorithm != "random":
+        ref = front.reference_point  # the same box, so the two hypervolumes compare
+        rcfg = replace(cfg, algorithm="random")
+        ck = out_dir / RANDOM_CHECKPOINT
+        baseline = search(problem, rcfg, resume=ck if resume and ck.exists() else None, checkpoint=ck,
+                          progress=progress, reference_point=ref)
+        baseline.config.update(provenance or {})
+        baseline.save(out_dir / RANDOM_FRONT)
+    elif (out_dir / RANDOM_FRONT).exists():
+        baseline = ParetoFront.load(out_dir / RANDOM_FRONT)
+    plot_fronts(front, out_dir / PLOT, baseline=baseline)
+    return front, baseline
+
+
+def summary_lines(front: ParetoFront, baseline: ParetoFront | None, out_dir: Path) -> list[str]:
+    """What the CLI prints at the end of a search."""
+    lines = []
+    if not front.feasible:
+        lines.append(f"no evaluated architecture meets the budgets {front.config.get('budgets')}; "
+                     f"the front holds the {len(front.members)} least violating ones")
+    best = min(front.members, key=lambda m: m.error, default=None)
+    fast = min(front.members, key=lambda m: m.latency_ms, default=None)
+    lines.append(f"{len(front.members)} Pareto members from {front.n_evaluations} evaluated architectures; "
+                 f"hypervolume {front.hypervolume:.4f}")
+    if best is not None and fast is not None:
+        lines.append(f"most accurate: {best.arch_id} error {100 * best.error:.2f} % at {best.latency_ms:.3f} ms; "
+                     f"fastest: {fast.arch_id} {fast.latency_ms:.3f} ms at error {100 * fast.error:.2f} %")
+    if baseline is not None:
+        lines.append(f"random search, same number of evaluations: hypervolume {baseline.hypervolume:.4f} "
+                     f"({len(baseline.members)} members)")
+    lines.append(f"wrote {out_dir / FRONT}, {out_dir / FRONT_CSV}, {out_dir / PLOT}")
+    return lines

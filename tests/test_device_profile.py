@@ -1,0 +1,128 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from hwnas.config import MacroConfig, ProfileConfig
+from hwnas.predictors import create_predictor
+from hwnas.profiling import default_profile_path, profiler
+from hwnas.profiling.device_profile import DeviceProfile
+from hwnas.profiling.fingerprint import device_fingerprint
+
+
+def synthetic_profile(macro, fingerprint=None, seed=0) -> DeviceProfile:
+    """A profile assembled from made-up timing records (no timing): latency grows with the model size key."""
+    cfg = ProfileConfig(device="synthetic", macro=macro, n_calibration=10, n_validation=5, rounds=2, seed=seed)
+    plan = profiler.make_plan(cfg)
+    rng = np.random.default_rng(seed)
+    records = [(key, r, float(rng.uniform(0.01, 0.05)), 1.0) for r in range(2) for key, _ in plan.jobs()]
+    return profiler.profile_from_records(plan, records, fingerprint or device_fingerprint())
+
+
+@pytest.fixture(scope="module")
+def profile_text(tmp_path_factory) -> str:
+    """One synthetic profile for the whole module (at the conftest tiny macro)."""
+    path = tmp_path_factory.mktemp("profile") / "p.json"
+    synthetic_profile(MacroConfig(C=4, layers=3, in_channels=1, resolution=8, classes=10)).save(path)
+    return path.read_text()
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_macro, profile_text):
+    path = tmp_path / "p.json"
+    path.write_text(profile_text)
+    return path
+
+
+def test_round_trip_keeps_everything(saved, tiny_macro):
+    profile = DeviceProfile.load(saved, expected_macro=tiny_macro)
+    again = saved.parent / "again.json"
+    profile.save(again)
+    assert json.loads(again.read_text()) == json.loads(saved.read_text())
+    data = json.loads(saved.read_text())
+    assert data["schema_version"] == 1 and data["space"]["macro"] == tiny_macro.to_dict()
+    for key in ("n", "mape", "within_5pct", "within_10pct", "spearman", "kendall", "noise_ceiling_within_10pct"):
+        assert key in data["validation"]
+    for key in ("cpu_model", "cores", "onnxruntime_version", "provider", "threads", "graph_optimization_level"):
+        assert key in data["device"]
+    assert profile.matches_this_device()
+    assert create_predictor(profile).name == profile.default_predictor
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda text: text[: len(text) // 2], "truncated or corrupt"),
+        (lambda text: "", "empty"),
+        (lambda text: "\x00\xff garbage", "invalid JSON"),
+        (lambda text: json.dumps({"schema_version": 1, "space": "darts-cell", "normal": []}), "not a device profile"),
+        (lambda text: json.dumps([1, 2]), "not a device profile"),
+        (lambda text: text.replace('"schema_version": 1', '"schema_version": 99', 1), "schema_version 99"),
+        (lambda text: text.replace('"darts-cell"', '"other-space"', 1), "space 'other-space'"),
+        (lambda text: text.replace('"default_predictor": "', '"default_predictor": "x', 1), "default_predictor"),
+    ],
+)
+def test_bad_files_raise_value_error_naming_the_file(saved, mutate, message):
+    saved.write_text(mutate(saved.read_text()))
+    with pytest.raises(ValueError, match=message) as err:
+        DeviceProfile.load(saved)
+    assert str(saved) in str(err.value)
+
+
+def test_missing_file_and_other_macro(saved, tmp_path, tiny_macro):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        DeviceProfile.load(tmp_path / "nope.json")
+    other = MacroConfig(C=8, layers=3, resolution=8)
+    with pytest.raises(ValueError, match="measured for macro") as err:
+        DeviceProfile.load(saved, expected_macro=other)
+    assert str(saved) in str(err.value)
+
+
+def test_other_device_warns(tmp_path, tiny_macro):
+    path = tmp_path / "elsewhere.json"
+    synthetic_profile(tiny_macro, {**device_fingerprint(), "cpu_model": "Some Other CPU", "cores": 64}).save(path)
+    with pytest.warns(UserWarning, match="may not hold"):
+        profile = DeviceProfile.load(path)
+    assert not profile.matches_this_device()
+
+
+def test_save_is_atomic(saved, tiny_macro, monkeypatch):
+    before = saved.read_text()
+    profile = DeviceProfile.load(saved)
+
+    def broken_dump(*args, **kwargs):
+        raise KeyboardInterrupt  # interrupted half way through writing
+
+    monkeypatch.setattr(json, "dump", broken_dump)
+    with pytest.raises(KeyboardInterrupt):
+        profile.save(saved)
+    assert saved.read_text() == before
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name]  # no temp file left behind
+
+
+def test_default_profile_path_finds_the_matching_profile(tmp_path, tiny_macro):
+    assert default_profile_path(tiny_macro, tmp_path) is None
+    (tmp_path / "broken.json").write_text("{")
+    synthetic_profile(tiny_macro, {**device_fingerprint(), "cores": 999}).save(tmp_path / "a_other_device.json")
+    assert default_profile_path(tiny_macro, tmp_path) is None
+    synthetic_profile(tiny_macro).save(tmp_path / "b_here.json")
+    assert default_profile_path(tiny_macro, tmp_path) == tmp_path / "b_here.json"
+    assert default_profile_path(MacroConfig(C=8, layers=3, resolution=8), tmp_path) is None
+    assert default_profile_path(tiny_macro, tmp_path / "missing") is None
+
+
+def test_cli_predict_uses_the_profile(saved, tmp_path, tiny_macro, rng, capsys):
+    from hwnas.cli import main
+    from hwnas.space import SearchSpace
+
+    g = SearchSpace(tiny_macro).sample(rng)
+    arch = tmp_path / "arch.json"
+    g.save(arch)
+    assert main(["predict", "--profile", str(saved), str(arch)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    want = create_predictor(DeviceProfile.load(saved)).predict([g])[0]
+    assert out["latency_ms"][str(arch)] == pytest.approx(want, abs=1e-4)
+    saved.write_text("{")
+    assert main(["predict", "--profile", str(saved), str(arch)]) == 2
+    assert str(saved) in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""export_front on a tiny config: ONNX written and verified, report rows for every member, failures reported."""
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from hwnas.config import MacroConfig
+from hwnas.export import REPORT_NAME, export_front, format_table, load_report
+from hwnas.search.front import FrontMember, ParetoFront
+from hwnas.space import SearchSpace
+
+
+@pytest.fixture
+def front(tiny_macro: MacroConfig, rng: np.random.Generator) -> ParetoFront:
+    space = SearchSpace(tiny_macro)
+    members = [FrontMember(space.sample(rng), 0.1 * (i + 1), 1.0 + i, 0.01) for i in range(2)]
+    return ParetoFront(members, (1.0, 10.0, 1.0))
+
+
+def fake_measure(genotypes) -> np.ndarray:
+    return np.array([1.05, 2.5])  # member 0 within 10 % of its prediction (1.0), member 1 not (2.0)
+
+
+def test_every_member_exported_and_verified(front: ParetoFront, tmp_path) -> None:
+    report = export_front(front, tmp_path, measure_fn=fake_measure)
+    assert report == load_report(tmp_path / REPORT_NAME)
+    assert [r["arch_id"] for r in report["members"]] == [m.arch_id for m in front.members]
+    for row in report["members"]:
+        assert row["passed"], row["errors"]
+        model = onnx.load(str(tmp_path / row["onnx"]))
+        onnx.checker.check_model(model)
+        assert row["opset"] == next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+        assert batch.dim_param and not batch.dim_value  # dynamic batch axis
+        assert 0 <= row["max_abs_diff"] <= 1e-4
+        assert json.loads((tmp_path / row["arch"]).read_text())["normal"]
+    assert report["summary"]["n_passed"] == 2
+    assert report["summary"]["latency_within_10pct"] == 0.5
+    assert report["members"][1]["latency_ratio"] == pytest.approx(1.25)
+    table = format_table(report)
+    assert front.members[0].arch_id in table and "2/2 passed" in table
+
+
+def test_failing_member_is_reported_not_dropped(front: ParetoFront, tmp_path, tiny_macro: MacroConfig) -> None:
+    def train(genotype, data, epochs, seed):
+        if genotype.arch_id == front.members[1].arch_id:
+            raise RuntimeError("diverged")
+        from hwnas.space import Network
+        return Network(genotype), 0.9
+
+    x = torch.rand(4, tiny_macro.in_channels, tiny_macro.resolution, tiny_macro.resolution)
+    data = SimpleNamespace(test=TensorDataset(x, torch.zeros(4, dtype=torch.long)))
+    report = export_front(front, tmp_path, train_epochs=1, data=data, train_fn=train, measure_fn=fake_measure)
+    ok, bad = report["members"]
+    assert ok["passed"] and ok["test_accuracy"] == 0.9 and ok["trained_epochs"] == 1
+    assert not bad["passed"] and "diverged" in bad["errors"][0]
+    assert bad["measured_latency_ms"] == 2.5  # still measured and listed
+    assert report["summary"]["n_passed"] == 1 and report["summary"]["best_test_accuracy"] == 0.9
+    assert "FAIL" in format_table(report)
+
+
+def test_tolerance_violation_fails_the_member(front: ParetoFront, tmp_path) -> None:
+    one = ParetoFront(front.members[:1], front.reference_point)
+    report = export_front(one, tmp_path, measure_fn=lambda gs: np.ones(1), tolerance=-1.0)
+    (row,) = report["members"]
+    assert not row["passed"] and "max |onnxruntime - torch|" in row["errors"][0]
+
+
+def test_measurement_failure_keeps_the_export(front: ParetoFront, tmp_path) -> None:
+    def broken(genotypes):
+        raise RuntimeError("no onnxruntime session")
+
+    one = ParetoFront(front.members[:1], front.reference_point)
+    report = export_front(one, tmp_path, measure_fn=broken)
+    assert report["summary"]["measure_error"].endswith("no onnxruntime session")
+    assert all(r["onnx"] and r["max_abs_diff"] is not None and not r["passed"] for r in report["members"])
+
+
+def test_real_measurement_of_one_member(front: ParetoFront, tmp_path) -> None:
+    pytest.importorskip("hwnas.profiling.profiler")
+    one = ParetoFront(front.members[:1], front.reference_point)
+    report = export_front(one, tmp_path, threads=1)
+    assert report["members"][0]["measured_latency_ms"] > 0, report["members"][0]["errors"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_out_dir(front: ParetoFront, tmp_path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    with pytest.raises(ValueError, match="cannot write"):
+        export_front(front, locked / "export", measure_fn=fake_measure)
+
+
+def test_out_dir_that_is_a_file(front: ParetoFront, tmp_path) -> None:
+    blocker = tmp_path / "export"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="cannot write"):
+        export_front(front, blocker, measure_fn=fake_measure)
+    assert blocker.read_text() == "not a folder"  # nothing lost

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+
+from hwnas.predictors import BlockSumPredictor, CalibratedPredictor, encode_all
+from hwnas.predictors.base import flat_index
+from hwnas.predictors.metrics import agreement, noise_ceiling
+from hwnas.profiling.blocks import N_PAIRS, op_blocks, pair_block, pair_tables
+from hwnas.profiling.blocks import cell_shapes
+from hwnas.space import SearchSpace
+from hwnas.space.ops import GENOTYPE_OPS
+
+
+@pytest.fixture
+def block_ms(tiny_macro, rng):
+    return {b.key: float(rng.uniform(0.001, 0.05)) for b in op_blocks(tiny_macro)}
+
+
+def slow_blocksum(genotype, block_ms, fixed):
+    """The definition: fixed parts plus the block every edge of every cell runs."""
+    total = fixed
+    for cell in cell_shapes(genotype.macro):
+        for op, inp in genotype.reduce if cell.reduction else genotype.normal:
+            total += block_ms[pair_block(cell, op, inp).key]
+    return total
+
+
+def test_table_lookup_equals_slow_path(tiny_macro, rng, block_ms):
+    space = SearchSpace(tiny_macro)
+    gs = [space.sample(rng) for _ in range(20)]
+    pred = BlockSumPredictor(pair_tables(tiny_macro, block_ms), 0.1).fit(gs, np.ones(len(gs)))
+    want = [slow_blocksum(g, block_ms, 0.1) for g in gs]
+    np.testing.assert_allclose(pred.predict(gs), want, rtol=1e-12)
+
+
+def test_encode_all_matches_search_space_encoding(tiny_macro, rng):
+    space = SearchSpace(tiny_macro)
+    gs = [space.sample(rng) for _ in range(5)]
+    np.testing.assert_array_equal(encode_all(gs), np.stack([space.encode(g) for g in gs]))
+    assert flat_index(encode_all(gs)).shape == (5, N_PAIRS)
+    with pytest.raises(ValueError, match="shape"):
+        flat_index(np.zeros((2, 5), dtype=int))
+
+
+def test_calibrated_recovers_scaled_blocks_and_op_costs(tiny_macro, rng, block_ms):
+    # Ground truth of the calibrated model's form: per-op scale of block time + per-op instance cost + bias.
+    space = SearchSpace(tiny_macro)
+    table = pair_tables(tiny_macro, block_ms)
+    scale = rng.uniform(0.5, 1.5, len(GENOTYPE_OPS))
+    cost = rng.uniform(0.0, 0.01, len(GENOTYPE_OPS))
+    truth = table * scale[None, :, None] + cost[None, :, None]
+    x_all = encode_all([space.sample(rng) for _ in range(300)])
+    y_all = 0.2 + truth.ravel()[flat_index(x_all)].sum(1)
+    pred = CalibratedPredictor(table, 0.2).fit_encoded(x_all[:200], y_all[:200])
+    got = pred.predict_encoded(x_all[200:])
+    assert np.max(np.abs(got / y_all[200:] - 1)) < 0.01
+    blocksum = BlockSumPredictor(table, 0.2).fit_encoded(x_all[:200], y_all[:200]).predict_encoded(x_all[200:])
+    assert np.mean(np.abs(blocksum / y_all[200:] - 1)) > 0.02  # the raw sum is off; calibration fixes it
+
+
+def test_unfitted_and_bad_params_raise(tiny_macro, block_ms):
+    table = pair_tables(tiny_macro, block_ms)
+    with pytest.raises(ValueError, match="not fitted"):
+        CalibratedPredictor(table, 0.1).predict_encoded(np.zeros((1, 32), dtype=int))
+    with pytest.raises(ValueError, match="table_ms"):
+        CalibratedPredictor.from_dict({"table_ms": [[1.0]], "intercept_ms": 0.0}, table, 0.1)
+    with pytest.raises(ValueError, match="missing|bad"):
+        CalibratedPredictor.from_dict({"intercept_ms": 0.0}, table, 0.1)
+    with pytest.raises(ValueError, match="need >= 3"):
+        CalibratedPredictor(table, 0.1).fit_encoded(np.zeros((2, 32), dtype=int), np.ones(2))
+
+
+def test_round_trip_through_dict(tiny_macro, rng, block_ms):
+    space = SearchSpace(tiny_macro)
+    x = encode_all([space.sample(rng) for _ in range(30)])
+    y = rng.uniform(0.2, 0.4, 30)
+    table = pair_tables(tiny_macro, block_ms)
+    pred = CalibratedPredictor(table, 0.1).fit_encoded(x, y)
+    back = CalibratedPredictor.from_dict(pred.to_dict(), table, 0.1)
+    np.testing.assert_allclose(back.predict_encoded(x), pred.predict_encoded(x), rtol=1e-5)
+
+
+def test_metrics():
+    m = np.array([1.0, 2.0, 3.0, 4.0])
+    figs = agreement(m * np.array([1.0, 1.04, 1.08, 1.2]), m)
+    assert figs["within_5pct"] == 0.5 and figs["within_10pct"] == 0.75
+    assert figs["spearman"] == pytest.approx(1.0) and figs["kendall"] == pytest.approx(1.0)
+    assert figs["mape"] == pytest.approx(100 * (0 + 0.04 + 0.08 + 0.2) / 4)
+    nc = noise_ceiling(m, m * np.array([1.0, 1.2, 1.0, 0.95]))
+    assert nc["noise_ceiling_within_10pct"] == 0.75

@@ -1,0 +1,130 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+from torch import nn
+
+from hwnas.config import MacroConfig, ProfileConfig
+from hwnas.predictors import create_predictor
+from hwnas.profiling import profiler, timer
+from hwnas.profiling.device_profile import DeviceProfile
+from hwnas.space import SearchSpace, count_params
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """No export, no onnxruntime: a model's 'latency' is a linear function of its parameter count."""
+    calls = []
+
+    def fake_bytes(module: nn.Module, shape, opset=17) -> bytes:
+        return repr(0.01 + 1e-6 * count_params(module)).encode()
+
+    def fake_time(model: bytes, shape, cfg) -> np.ndarray:
+        calls.append(model)
+        return np.full(cfg.runs, float(model.decode()))
+
+    monkeypatch.setattr(profiler, "onnx_bytes", fake_bytes)
+    monkeypatch.setattr(timer, "time_model", fake_time)
+    return calls
+
+
+def small_cfg(tmp_path, macro, **kw):
+    base = dict(device="tiny", out=str(tmp_path / "tiny.json"), macro=macro, n_calibration=12, n_validation=6,
+                runs=2, warmup=0, rounds=2)
+    return ProfileConfig(**{**base, **kw})
+
+
+def test_profile_device_writes_a_loadable_profile(tmp_path, tiny_macro, fake_device):
+    cfg = small_cfg(tmp_path, tiny_macro)
+    profile = profiler.profile_device(cfg)
+    loaded = DeviceProfile.load(cfg.out, expected_macro=tiny_macro)
+    assert loaded.to_dict() == json.loads(json.dumps(profile.to_dict()))
+    assert not profiler.sidecar_path(profiler.default_out(cfg)).exists()
+    v = loaded.validation
+    assert v["n"] == 6 and v["noise_ceiling_within_10pct"] == 1.0  # the fake device is noise-free
+    assert loaded.device["threads"] == 1 and loaded.device["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    # The fake latency is additive over parameters, so the calibrated predictor should be near exact.
+    pred = create_predictor(loaded, "calibrated")
+    plan = profiler.make_plan(cfg)
+    from hwnas.space import Network
+
+    truth = [0.01 + 1e-6 * count_params(Network(g)) for g in plan.validation]
+    np.testing.assert_allclose(pred.predict(plan.validation), truth, rtol=0.02)
+
+
+def test_interrupt_then_resume_measures_only_what_is_missing(tmp_path, tiny_macro, fake_device):
+    cfg = small_cfg(tmp_path, tiny_macro)
+    seen = {"timed": 0}
+
+    def interrupt(advance, total, stage):
+        if stage.startswith("round"):
+            seen["timed"] += advance
+            if seen["timed"] == 25:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        profiler.profile_device(cfg, progress=interrupt)
+    side = profiler.sidecar_path(profiler.default_out(cfg))
+    state = json.loads(side.read_text())
+    assert len(state["records"]) == 25 and not (tmp_path / "tiny.json").exists()
+    n_jobs = len(profiler.make_plan(cfg).jobs())
+    fake_device.clear()
+    profiler.profile_device(small_cfg(tmp_path, tiny_macro, resume=True))
+    assert len(fake_device) == 2 * (cfg.rounds * n_jobs - 25)  # sentinel + candidate per missing timing
+    assert (tmp_path / "tiny.json").exists() and not side.exists()
+
+
+def test_resume_refuses_other_settings(tmp_path, tiny_macro, fake_device):
+    cfg = small_cfg(tmp_path, tiny_macro)
+    with pytest.raises(KeyboardInterrupt):
+        profiler.profile_device(cfg, progress=lambda a, t, s: (_ for _ in ()).throw(KeyboardInterrupt) if s.startswith("round") else None)
+    with pytest.raises(ValueError, match="different settings.*runs"):
+        profiler.profile_device(small_cfg(tmp_path, tiny_macro, resume=True, runs=3))
+
+
+def test_budget_stops_after_two_rounds_and_keeps_state(tmp_path, tiny_macro, fake_device, caplog):
+    cfg = small_cfg(tmp_path, tiny_macro, rounds=4, budget_min=1e-9)
+    with caplog.at_level(logging.WARNING):
+        profile = profiler.profile_device(cfg)
+    assert profile.meta["rounds_completed"] == 2 and "budget" in caplog.text
+    assert profiler.sidecar_path(profiler.default_out(cfg)).exists()  # --resume can add the other rounds
+
+
+def test_sample_sets_are_disjoint_and_exclude_the_sentinel(tiny_macro):
+    cal, val = profiler.sample_sets(tiny_macro, 30, 20, seed=1)
+    ids = [g.arch_id for g in cal + val]
+    assert len(set(ids)) == 50 and profiler.sentinel_genotype(tiny_macro).arch_id not in ids
+
+
+def test_measure_genotypes_real_onnxruntime(tiny_macro, rng):
+    gs = [SearchSpace(tiny_macro).sample(rng) for _ in range(2)]
+    ms, sentinel = profiler.measure_genotypes(gs, rounds=2, runs=3, warmup=1, return_sentinel=True)
+    assert ms.shape == (2,) and np.all(ms > 0) and sentinel > 0
+    other = SearchSpace(MacroConfig(C=4, layers=3, resolution=6)).sample(rng)
+    with pytest.raises(ValueError, match="one macro"):
+        profiler.measure_genotypes([gs[0], other])
+
+
+def test_cli_export_single_architecture(tmp_path, genotype, capsys):
+    from hwnas.cli import main
+
+    arch = tmp_path / "arch.json"
+    genotype.save(arch)
+    assert main(["export", "--arch", str(arch), "--out", str(tmp_path / "m.onnx")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "m.onnx").exists() and report["max_abs_diff"] <= 1e-4
+    assert main(["export"]) == 2  # neither DIR nor --arch/--out
+    assert "--arch" in capsys.readouterr().err
+
+
+def test_resume_rejects_a_malformed_sidecar(tmp_path, tiny_macro, fake_device):
+    cfg = small_cfg(tmp_path, tiny_macro, resume=True)
+    side = profiler.sidecar_path(profiler.default_out(cfg))
+    side.write_text(json.dumps({"schema_version": 1, "config": cfg.measurement_key(), "records": [["a", 0]]}))
+    with pytest.raises(ValueError, match="malformed") as err:
+        profiler.profile_device(cfg)
+    assert str(side) in str(err.value)
+    side.write_text("{\"schema_version\": 1, \"rec")
+    with pytest.raises(ValueError, match="truncated"):
+        profiler.profile_device(cfg)

@@ -1,0 +1,141 @@
+"""Supernet training (checkpoint, resume equality, errors), the shared-weight estimate, stand-alone training."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hwnas.config import MacroConfig, SupernetConfig
+from hwnas.data import load_dataset
+from hwnas.space import Genotype, SearchSpace
+from hwnas.train import AccuracyEstimator, load_supernet, sample_genotype, train_network, train_supernet
+from hwnas.train.supernet import CHECKPOINT_FILE
+
+CLASSES = 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine, two spinning threads make these tiny steps many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_spec(tmp_path: Path) -> str:
+    """60 8x8 grey images in 3 classes told apart by brightness: learnable in a few steps."""
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % CLASSES
+    x = (y[:, None, None] + 0.3 * rng.standard_normal((60, 8, 8))).astype(np.float32)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"
+
+
+@pytest.fixture
+def cfg(tiny_spec: str, tiny_macro: MacroConfig) -> SupernetConfig:
+    return SupernetConfig(data=tiny_spec, macro=tiny_macro, epochs=1, sample_epochs=1, batch_size=16)
+
+
+def _model_state(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / CHECKPOINT_FILE, weights_only=True)["model"]
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(cfg: SupernetConfig, tmp_path: Path) -> None:
+    straight = train_supernet(cfg, tmp_path / "straight")
+
+    def interrupt(done: int, total: int, info: dict) -> None:
+        if info["epoch"] == 2:  # the first step of epoch 2: epoch 1's checkpoint is on disk
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(cfg, tmp_path / "resumed", progress=interrupt)
+    meta = json.loads((tmp_path / "resumed" / "supernet.json").read_text())
+    assert len(meta["history"]) == 1 and not meta["complete"]
+    resumed = train_supernet(cfg, tmp_path / "resumed", resume=True)
+
+    a, b = _model_state(straight), _model_state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (straight / "genotype.json").read_text() == (resumed / "genotype.json").read_text()
+    assert json.loads((resumed / "supernet.json").read_text())["complete"]
+    Genotype.load(resumed / "genotype.json")  # a valid architecture file
+
+
+def test_existing_run_needs_resume_and_same_config(cfg: SupernetConfig, tmp_path: Path) -> None:
+    out = train_supernet(replace(cfg, sample_epochs=0), tmp_path / "run")
+    with pytest.raises(ValueError, match="--resume"):
+        train_supernet(replace(cfg, sample_epochs=0), out)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_supernet(replace(cfg, sample_epochs=0, batch_size=8), out, resume=True)
+
+
+def test_load_supernet_errors_name_the_problem(cfg: SupernetConfig, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="supernet.json"):
+        load_supernet(tmp_path / "nothing")
+    out = train_supernet(replace(cfg, epochs=0), tmp_path / "run")
+    supernet, loaded_cfg = load_supernet(out)
+    assert loaded_cfg.macro.classes == CLASSES and not supernet.training
+    (out / CHECKPOINT_FILE).write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="supernet.pt"):
+        load_supernet(out)
+    (out / "supernet.json").write_text('{"schema_version": 99}')
+    with pytest.raises(ValueError, match="schema_version"):
+        load_supernet(out)
+
+
+def test_estimate_is_cached_order_free_and_leaves_the_supernet_intact(cfg: SupernetConfig, tmp_path: Path) -> None:
+    supernet, cfg = load_supernet(train_supernet(replace(cfg, epochs=0), tmp_path / "run"))
+    data = load_dataset(cfg.data, cfg.macro.resolution, cfg.seed)
+    space = SearchSpace(cfg.macro)
+    genotypes = [space.sample(np.random.default_rng(i)) for i in range(3)]
+    before = {k: v.clone() for k, v in supernet.state_dict().items()}
+
+    est = AccuracyEstimator(supernet, data, calib_batches=1, batch_size=8)
+    errors = est.error(genotypes)
+    assert errors.shape == (3,) and np.all((errors >= 0) & (errors <= 1))
+    assert np.array_equal(est.error(genotypes[:1]), errors[:1]) and len(est._cache) == 3
+    # A fresh estimator in the opposite order gives the same numbers: no statistics leak between genotypes.
+    reverse = AccuracyEstimator(supernet, data, calib_batches=1, batch_size=8).error(genotypes[::-1])
+    assert np.array_equal(reverse[::-1], errors)
+    after = supernet.state_dict()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert all(m.momentum == 0.1 for m in supernet.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_estimator_rejects_a_dataset_of_another_shape(cfg: SupernetConfig, tmp_path: Path) -> None:
+    supernet, _ = load_supernet(train_supernet(replace(cfg, epochs=0), tmp_path / "run"))
+    with pytest.raises(ValueError, match="does not fit"):
+        AccuracyEstimator(supernet, load_dataset("digits", resolution=8))
+
+
+def test_alpha_biased_sampling_follows_the_alphas(cfg: SupernetConfig, tmp_path: Path) -> None:
+    supernet, _ = load_supernet(train_supernet(replace(cfg, epochs=0), tmp_path / "run"))
+    with torch.no_grad():
+        for alphas in supernet.arch_parameters():
+            alphas.zero_()
+            alphas[:, 5] = 10.0  # sep_conv_5x5 dominates every edge
+    rng = np.random.default_rng(0)
+    ops = [op for _ in range(10) for op, _ in sample_genotype(supernet, "alpha", rng).normal]
+    assert ops.count("sep_conv_5x5") / len(ops) > 0.9
+    uniform = [op for _ in range(10) for op, _ in sample_genotype(supernet, "uniform", rng).normal]
+    assert uniform.count("sep_conv_5x5") / len(uniform) < 0.5
+
+
+def test_train_network_learns_and_is_seeded(tiny_spec: str, tiny_macro: MacroConfig) -> None:
+    data = load_dataset(tiny_spec, resolution=8)
+    g = SearchSpace(replace(tiny_macro, classes=CLASSES)).sample(np.random.default_rng(0))
+    net, acc = train_network(g, data, epochs=25, seed=0, batch_size=16)
+    assert acc >= 0.9  # brightness classes are trivially separable
+    _, acc_again = train_network(g, data, epochs=25, seed=0, batch_size=16)
+    assert acc_again == acc
+    with pytest.raises(ValueError, match="does not fit"):
+        train_network(SearchSpace(tiny_macro).sample(np.random.default_rng(0)), data, epochs=1)
