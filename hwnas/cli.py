@@ -373,10 +373,8 @@ def _add_measure(sub: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     """`export --arch A --out F`: one verified ONNX file; `export DIR`: the search's Pareto front (hwnas.export)."""
     if args.dir is not None:
-        try:
-            from hwnas.export import cli_export_dir
-        except ImportError:
-            raise ValueError("`hwnas export DIR` (exporting a search's Pareto front) is not available in this build") from None
+        from hwnas.export import cli_export_dir
+
         return cli_export_dir(args)
     if not args.arch or not args.out:
         raise ValueError("give either DIR, or both --arch ARCH.json and --out FILE.onnx")
@@ -400,7 +398,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export verified ONNX: one architecture (--arch/--out) or a search result DIR")
     p.add_argument("dir", nargs="?", default=None, help="search output directory (Pareto front)")
     p.add_argument("--arch", default=None, help="architecture JSON file")
-    p.add_argument("--out", default=None, help="ONNX file to write")
+    p.add_argument("--out", default=None, help="ONNX file to write (with --arch) or output folder (with DIR)")
+    p.add_argument("--train-epochs", type=int, default=0, help="with DIR: train each member stand-alone first")
+    p.add_argument("--profile", default=None, help="with DIR: device profile (default: the one the search used)")
+    p.add_argument("--threads", type=int, default=None, help="with DIR: onnxruntime threads for re-measuring")
     p.set_defaults(handler=_export)
 
 
