@@ -106,13 +106,29 @@ def _load_cifar10(root: Path) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray,
     return x, y, fixed_test
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that can rebuild numpy arrays and plain containers but no other object (no code runs)."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D102 - pickle hook
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 batch file -> (N, 3, 32, 32) floats in [0, 1] and labels."""
     # CIFAR-10 is distributed only as Python pickles; we unpickle it solely because that is the official
-    # format of a folder the user chose to point us at. hwnas never writes pickles itself.
+    # format of a folder the user chose to point us at; the unpickler rebuilds arrays only, so a hostile
+    # file cannot run code. hwnas never writes pickles itself.
     try:
         with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as err:  # corrupt/truncated files raise many different exception types
         raise ValueError(f"cifar10: cannot read {path} as a CIFAR-10 batch ({type(err).__name__}: {err})") from None
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:

@@ -113,3 +113,16 @@ def test_cifar10_folder_uses_official_test_batch(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no data_batch"):
         load_dataset(f"cifar10:{tmp_path / 'empty'}", resolution=8)
+
+
+def test_cifar10_batch_that_holds_code_is_refused(tmp_path: Path) -> None:
+    import os
+    import pickle
+
+    class Hostile:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": Hostile(), b"labels": [0]}))
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_dataset(f"cifar10:{tmp_path}", resolution=8)
