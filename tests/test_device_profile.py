@@ -4,6 +4,8 @@ import warnings
 import numpy as np
 import pytest
 
+import hwnas.jsonio
+
 from hwnas.config import MacroConfig, ProfileConfig
 from hwnas.predictors import create_predictor
 from hwnas.profiling import default_profile_path, profiler
@@ -91,10 +93,10 @@ def test_save_is_atomic(saved, tiny_macro, monkeypatch):
     before = saved.read_text()
     profile = DeviceProfile.load(saved)
 
-    def broken_dump(*args, **kwargs):
-        raise KeyboardInterrupt  # interrupted half way through writing
+    def interrupted_fsync(*args, **kwargs):
+        raise KeyboardInterrupt  # interrupted after the temp file is written, before the rename
 
-    monkeypatch.setattr(json, "dump", broken_dump)
+    monkeypatch.setattr(hwnas.jsonio.os, "fsync", interrupted_fsync)
     with pytest.raises(KeyboardInterrupt):
         profile.save(saved)
     assert saved.read_text() == before

@@ -10,7 +10,8 @@ from typing import Any, Callable, Collection
 import numpy as np
 import torch
 
-from hwnas.search.front import FrontMember, ParetoFront, atomic_write_text
+from hwnas.jsonio import atomic_write_text, load_json
+from hwnas.search.front import FrontMember, ParetoFront
 from hwnas.space.genotype import Genotype
 from hwnas.space.network import Network, count_params
 
@@ -213,13 +214,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def load_report(path: str | Path) -> dict[str, Any]:
     """Read an export_report.json; errors name the file."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such export report") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    data = load_json(path, "no such export report")
     if not isinstance(data, dict) or data.get("schema_version") != REPORT_VERSION or "members" not in data:
         raise ValueError(f"{path}: not an hwnas export report (schema_version {REPORT_VERSION})")
     return data

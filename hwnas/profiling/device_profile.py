@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +10,7 @@ from typing import Any
 
 from hwnas.config import MacroConfig
 from hwnas.space.genotype import SPACE_NAME
+from hwnas.jsonio import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -20,24 +19,6 @@ KIND = "hwnas-device-profile"
 # Fingerprint fields that must agree for a profile's latencies to transfer to this machine.
 FINGERPRINT_KEYS = ("cpu_model", "cores", "machine", "onnxruntime_version")
 VALIDATION_KEYS = ("n", "mape", "within_5pct", "within_10pct", "spearman", "kendall", "noise_ceiling_within_10pct")
-
-
-def atomic_write_json(path: str | Path, data: Any) -> None:
-    """Write JSON to a temp file next to `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; profiles are meant to be shared and committed
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_json(path: str | Path, what: str) -> Any:

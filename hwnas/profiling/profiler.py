@@ -14,7 +14,8 @@ from torch import nn
 from hwnas.config import MacroConfig, ProfileConfig
 from hwnas.profiling import timer
 from hwnas.profiling.blocks import BlockSpec, fixed_blocks, op_blocks
-from hwnas.profiling.device_profile import DeviceProfile, atomic_write_json, read_json
+from hwnas.jsonio import atomic_write_json
+from hwnas.profiling.device_profile import DeviceProfile, read_json
 from hwnas.profiling.onnx_io import onnx_bytes
 from hwnas.space.genotype import Genotype, SearchSpace
 from hwnas.space.network import Network

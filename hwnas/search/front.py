@@ -13,23 +13,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from hwnas.space.genotype import Genotype
+from hwnas.jsonio import atomic_write_text, load_json
 
 SCHEMA_VERSION = 1
 OBJECTIVES = ("error", "latency_ms", "params_m")
 LEAST_VIOLATING = 5  # members returned when no evaluated architecture meets the budgets
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def non_dominated(F: np.ndarray) -> np.ndarray:
@@ -193,13 +181,7 @@ class ParetoFront:
     @classmethod
     def load(cls, path: str | Path) -> "ParetoFront":
         """Read a front.json; errors name the file and the field."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path}: no such front file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        data = load_json(path, "no such front file")
         return cls.from_dict(data, source=str(path))
 
     def save_csv(self, path: str | Path) -> Path:

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from hwnas.config import SearchConfig
-from hwnas.search.front import ParetoFront, atomic_write_text
+from hwnas.jsonio import atomic_write_text, load_json
+from hwnas.search.front import ParetoFront
 from hwnas.search.problem import HWNASProblem, SpaceRepair
 from hwnas.space.genotype import Genotype
 
@@ -166,12 +167,7 @@ class _Checkpoint:
 
     def read(self, path: Path) -> dict[str, Any]:
         source = str(path)
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{source}: no checkpoint to resume from") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{source}: checkpoint is not valid JSON ({err})") from None
+        data = load_json(path, "no checkpoint to resume from")
         if not isinstance(data, dict) or data.get("kind") != CHECKPOINT_KIND:
             raise ValueError(f"{source}: not an hwnas search checkpoint")
         if data.get("schema_version") != CHECKPOINT_VERSION:

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hwnas.config import DEFAULT_MACRO, MacroConfig
+from hwnas.jsonio import load_json
 from hwnas.space.ops import GENOTYPE_OPS
 
 SCHEMA_VERSION = 1
@@ -105,12 +106,7 @@ class Genotype:
     def load(cls, path: str | Path) -> "Genotype":
         """Read an architecture JSON file; errors name the file."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{path}: no such architecture file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        data = load_json(path, "no such architecture file")
         try:
             return cls.from_dict(data)
         except ValueError as err:

@@ -21,6 +21,7 @@ from hwnas.data import DataSplits, load_dataset
 from hwnas.space.genotype import STEPS, Genotype
 from hwnas.space.ops import GENOTYPE_OPS, PRIMITIVES
 from hwnas.space.supernet import Supernet, edge_index
+from hwnas.jsonio import atomic_write_json, load_json
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -186,7 +187,7 @@ def train_supernet(
             log.info("epoch %d: derived normal cell became parameter-free-heavy; alphas frozen", epoch + 1)
         history.append(record)
         log.info("epoch %d/%d %s", epoch + 1, total_epochs, record)
-        _write_json(out_dir / GENOTYPE_FILE, genotype.to_dict())
+        atomic_write_json(out_dir / GENOTYPE_FILE, genotype.to_dict())
         _save_checkpoint(
             ckpt_path,
             {
@@ -289,14 +290,8 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _write_meta(out_dir: Path, cfg: SupernetConfig, history: list[dict[str, Any]], complete: bool) -> None:
-    _write_json(
+    atomic_write_json(
         out_dir / CONFIG_FILE,
         {"schema_version": SCHEMA_VERSION, "config": cfg.to_dict(), "complete": complete, "history": history},
     )
@@ -304,12 +299,7 @@ def _write_meta(out_dir: Path, cfg: SupernetConfig, history: list[dict[str, Any]
 
 def _read_meta(out_dir: Path) -> tuple[SupernetConfig, dict[str, Any]]:
     path = out_dir / CONFIG_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: no such file; is {out_dir} a supernet directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    meta = load_json(path, f"no such file; is {out_dir} a supernet directory?")
     if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
         got = meta.get("schema_version") if isinstance(meta, dict) else None
         raise ValueError(f"{path}: schema_version: expected {SCHEMA_VERSION}, got {got!r}")
