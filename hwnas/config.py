@@ -5,6 +5,19 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 
+def _check_keys(cls: type, data: Any, what: str, require_all: bool = False) -> None:
+    """Raise ValueError unless `data` is a dict whose keys are fields of dataclass `cls` (all of them if asked)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be an object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+    missing = known - set(data)
+    if require_all and missing:
+        raise ValueError(f"{what} is missing keys {sorted(missing)}")
+
+
 @dataclass(frozen=True)
 class MacroConfig:
     """The network skeleton a cell genotype is placed in."""
@@ -30,15 +43,7 @@ class MacroConfig:
     @classmethod
     def from_dict(cls, data: Any) -> "MacroConfig":
         """Parse a dict, naming unknown or missing keys."""
-        if not isinstance(data, dict):
-            raise ValueError(f"macro must be an object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"macro has unknown keys {sorted(unknown)}; expected {sorted(known)}")
-        missing = known - set(data)
-        if missing:
-            raise ValueError(f"macro is missing keys {sorted(missing)}")
+        _check_keys(cls, data, "macro", require_all=True)
         return cls(**data)
 
 
@@ -99,12 +104,7 @@ class SupernetConfig:
     @classmethod
     def from_dict(cls, data: Any) -> "SupernetConfig":
         """Parse a dict, naming unknown keys."""
-        if not isinstance(data, dict):
-            raise ValueError(f"supernet config must be an object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"supernet config has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+        _check_keys(cls, data, "supernet config")
         data = dict(data)
         if "macro" in data:
             data["macro"] = MacroConfig.from_dict(data["macro"])
@@ -152,12 +152,7 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, data: Any) -> "SearchConfig":
         """Parse a dict, naming unknown keys."""
-        if not isinstance(data, dict):
-            raise ValueError(f"search config must be an object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"search config has unknown keys {sorted(unknown)}; expected {sorted(known)}")
+        _check_keys(cls, data, "search config")
         return cls(**data)
 
 
