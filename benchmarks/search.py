@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -137,24 +138,28 @@ def time_run(kind: str) -> dict:
 
 
 def main() -> None:
+    from hwnas.pipeline import PLANS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--supernet", type=Path, default=Path("hwnas-run-quick/supernet"))
     parser.add_argument("--profile", type=Path, default=None, help="default: the shipped one, else RUN/profile.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--pop", type=int, default=16)
-    parser.add_argument("--gens", type=int, default=8)
+    full = PLANS["full"].search  # default budget: the one `hwnas run` searches with
+    parser.add_argument("--pop", type=int, default=full.pop)
+    parser.add_argument("--gens", type=int, default=full.gens)
     parser.add_argument("--calib-batches", type=int, default=1, help="BN recalibration batches (cheap estimate)")
     parser.add_argument("--batch-size", type=int, default=64, help="estimator batch size")
     parser.add_argument("--valid-subset", type=int, default=None, help="estimate on the first N validation images")
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--synthetic", action="store_true", help="also the synthetic-error comparison (seconds)")
-    parser.add_argument("--synthetic-pop", type=int, default=20)
-    parser.add_argument("--synthetic-gens", type=int, default=15)
+    parser.add_argument("--synthetic-pop", type=int, default=full.pop)
+    parser.add_argument("--synthetic-gens", type=int, default=full.gens)
     parser.add_argument("--run-dir", type=Path, default=None)
     parser.add_argument("--time-run", choices=["quick", "full"], default=None)
     args = parser.parse_args()
 
-    result: dict = {"machine_note": "2 shared cores; other jobs ran at the same time, so times are disturbed"}
+    # Timings on a shared 2-core machine depend on what else runs: record the load next to them.
+    result: dict = {"load_average_at_start": list(os.getloadavg())}
     if args.profile is None:
         from hwnas.profiling import default_profile_path
 
@@ -167,6 +172,7 @@ def main() -> None:
         result["run"] = run_dir_figures(args.run_dir)
     if args.time_run:
         result[f"time_run_{args.time_run}"] = time_run(args.time_run)
+    result["load_average_at_end"] = list(os.getloadavg())
     print(json.dumps(result, indent=1))
 
 

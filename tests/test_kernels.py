@@ -171,6 +171,21 @@ def test_combine_gradcheck(stride, training):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_gradient_goes_to_the_first_maximum_on_ties(stride):
+    """Plateaus (zeros after ReLU, saturated pixels) tie inside windows; ATen picks the first maximum in row-major order."""
+    fast, ref = make_pair(3, stride, train=True, dtype=torch.float64)
+    x = torch.randint(0, 2, (2, 3, 7, 9)).to(torch.float64)
+    w = torch.eye(8, dtype=torch.float64)[1]  # max pool only
+    grads = []
+    for fn, module in ((compiled.mixed_op, fast), (mixed_op_reference, ref)):
+        xi = x.clone().requires_grad_()
+        y = fn(xi, w, module.ops, stride)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y))
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
 def test_opcheck(stride):
     opcheck = torch.library.opcheck
     x = torch.randn(2, 3, 7, 9, requires_grad=True)

@@ -125,12 +125,15 @@ def _make_nsga2(problem: HWNASProblem, cfg: SearchConfig) -> Any:
     from pymoo.operators.sampling.rnd import IntegerRandomSampling
 
     # pymoo's integer recipe: real-valued SBX/PM then rounding (vtype=int would truncate, biasing to the
-    # lower bound); SpaceRepair then makes every row a valid genotype in canonical form.
+    # lower bound); SpaceRepair then makes every row a valid genotype in canonical form. The genes are
+    # categorical (op and input indices), so mutation is strong: about 3 of 32 genes per child, with
+    # wide jumps (eta 1). Measured on the synthetic benchmark at 480 evaluations, 10 seeds: hypervolume
+    # above random search in 10/10 seeds (median 0.290) vs 8/10 (median 0.267) with pymoo's default PM.
     algorithm = NSGA2(
         pop_size=cfg.pop,
         sampling=IntegerRandomSampling(),
         crossover=SBX(prob=0.9, eta=3.0, vtype=float, repair=RoundingRepair()),
-        mutation=PM(eta=3.0, vtype=float, repair=RoundingRepair()),
+        mutation=PM(prob_var=0.1, eta=1.0, vtype=float, repair=RoundingRepair()),
         repair=SpaceRepair(problem.space),
         eliminate_duplicates=True,
     )
