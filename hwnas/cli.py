@@ -5,7 +5,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -331,8 +331,16 @@ def _predict(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: macro {g.macro.to_dict()} differs from the profile's {profile.macro.to_dict()}")
     pred = create_predictor(profile, args.predictor)
     ms = pred.predict(genotypes)
-    print(json.dumps({"profile": profile.name, "predictor": pred.name, "validation_mape": profile.validation.get("mape"),
-                      "latency_ms": {p: round(float(m), 4) for p, m in zip(args.arch, ms)}}, indent=2))
+    out: dict[str, Any] = {"profile": profile.name, "predictor": pred.name, "validation_mape": profile.validation.get("mape")}
+    if args.rescale:
+        from hwnas.profiling.profiler import sentinel_scale
+
+        scale, now = sentinel_scale(profile)
+        ms = ms * scale
+        out["sentinel_ms"] = {"profile": round(float(profile.sentinel["latency_ms"]), 4), "now": round(now, 4)}
+        out["scale"] = round(scale, 4)
+    out["latency_ms"] = {p: round(float(m), 4) for p, m in zip(args.arch, ms)}
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -341,6 +349,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("arch", nargs="+", help="architecture JSON file(s)")
     p.add_argument("--profile", default=None, help="device profile (default: the shipped one for this device)")
     p.add_argument("--predictor", default=None, help="predictor name (default: the profile's)")
+    p.add_argument("--rescale", action="store_true",
+                   help="time the profile's sentinel network now (a few seconds) and scale the predictions by "
+                        "its latency now / at profiling, to follow speed changes of the device since then")
     p.set_defaults(handler=_predict)
 
 

@@ -128,3 +128,26 @@ def test_resume_rejects_a_malformed_sidecar(tmp_path, tiny_macro, fake_device):
     side.write_text("{\"schema_version\": 1, \"rec")
     with pytest.raises(ValueError, match="truncated"):
         profiler.profile_device(cfg)
+
+
+def test_predict_rescale_follows_the_sentinel_measured_now(tmp_path, tiny_macro, fake_device, monkeypatch, rng, capsys):
+    from hwnas.cli import main
+
+    cfg = small_cfg(tmp_path, tiny_macro)
+    profile = profiler.profile_device(cfg)
+    scale, now = profiler.sentinel_scale(profile)
+    assert scale == pytest.approx(1.0) and now == pytest.approx(profile.sentinel["latency_ms"])
+    # the device got 1.5x slower since profiling: every session now takes 1.5x as long
+    slow = timer.time_model
+    monkeypatch.setattr(timer, "time_model", lambda model, shape, c: 1.5 * slow(model, shape, c))
+    arch = tmp_path / "arch.json"
+    SearchSpace(tiny_macro).sample(rng).save(arch)
+    assert main(["predict", "--profile", cfg.out, str(arch)]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["predict", "--profile", cfg.out, "--rescale", str(arch)]) == 0
+    scaled = json.loads(capsys.readouterr().out)
+    assert scaled["scale"] == pytest.approx(1.5, rel=1e-3)
+    assert scaled["latency_ms"][str(arch)] == pytest.approx(1.5 * plain["latency_ms"][str(arch)], abs=2e-4)  # 4 decimals
+    foreign = DeviceProfile.from_dict({**profile.to_dict(), "sentinel": {}})
+    with pytest.raises(ValueError, match="no sentinel"):
+        profiler.sentinel_scale(foreign)

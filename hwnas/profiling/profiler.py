@@ -308,3 +308,24 @@ def measure_genotypes(
                                         progress=(lambda n: progress(n, total, "measure")) if progress else None)
     ms = np.array([lat[k] for k in keys])
     return (ms, timer.sentinel_median(records, tcfg.drift_window)) if return_sentinel else ms
+
+
+def sentinel_scale(profile: DeviceProfile, sessions: int = 5) -> tuple[float, float]:
+    """(now / at profiling, sentinel ms now): the profile's sentinel network timed in fresh sessions now.
+
+    Multiplying predictions by the ratio follows changes of the device's speed since profiling (CPU
+    frequency, thermal state, a different thread count or background load) that affect all networks alike.
+    """
+    ref = profile.sentinel.get("latency_ms")
+    sentinel = sentinel_genotype(profile.macro)
+    if not ref or profile.sentinel.get("arch_id") != sentinel.arch_id:
+        raise ValueError(f"profile {profile.name!r} has no sentinel measurement this version of hwnas can repeat")
+    try:
+        tcfg = timer.TimingConfig(**profile.device["timing"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"profile {profile.name!r}: device.timing is not a timing configuration ({err})") from None
+    cand = network_candidate("sentinel", sentinel, batch=tcfg.batch)
+    # The profile's sentinel figure is a median of per-session medians: repeat that statistic.
+    now = float(np.median([np.median(timer.time_model(cand.model, cand.input_shape, tcfg)) for _ in range(sessions)]))
+    return now / float(ref), now
+
