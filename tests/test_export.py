@@ -48,6 +48,25 @@ def test_every_member_exported_and_verified(front: ParetoFront, tmp_path) -> Non
     assert front.members[0].arch_id in table and "2/2 passed" in table
 
 
+def test_predictions_rescaled_by_the_sentinel_timed_now(front: ParetoFront, tmp_path) -> None:
+    """The device got 1.25x slower since profiling: rescaled predictions match the measurements again."""
+    profile = SimpleNamespace(device={"threads": 1}, validation={"noise_ceiling_within_10pct": 1.0},
+                              sentinel={"latency_ms": 0.2}, name="fake")
+    report = export_front(front, tmp_path, profile=profile, measure_fn=lambda gs: np.array([1.25, 2.5]),
+                          scale_fn=lambda p: (1.25, 0.25))
+    s = report["summary"]
+    assert s["latency_within_10pct"] == 0.0 and s["latency_within_10pct_rescaled"] == 1.0
+    assert s["sentinel"] == {"scale": 1.25, "now_ms": 0.25, "profile_ms": 0.2}
+    assert report["members"][1]["predicted_rescaled_ms"] == pytest.approx(2.5)
+    assert "x 1.250" in format_table(report)
+
+    def no_sentinel(p):
+        raise ValueError("profile 'fake' has no sentinel measurement")
+
+    plain = export_front(front, tmp_path / "b", profile=profile, measure_fn=fake_measure, scale_fn=no_sentinel)
+    assert plain["summary"]["sentinel"] is None and plain["summary"]["latency_within_10pct_rescaled"] is None
+
+
 def test_failing_member_is_reported_not_dropped(front: ParetoFront, tmp_path, tiny_macro: MacroConfig) -> None:
     def train(genotype, data, epochs, seed):
         if genotype.arch_id == front.members[1].arch_id:

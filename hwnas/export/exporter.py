@@ -23,6 +23,7 @@ MAX_ABS_DIFF = 1e-4  # onnxruntime vs PyTorch on the same float32 input
 LATENCY_TOLERANCE = 0.10  # "measured within +-10 % of predicted"
 VERIFY_BATCH = 3  # != the export batch of 1, so the dynamic batch axis is exercised
 MeasureFn = Callable[[list[Genotype]], np.ndarray]
+ScaleFn = Callable[[Any], tuple[float, float]]  # profile -> (sentinel now / at profiling, sentinel ms now)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -110,12 +111,15 @@ def export_front(
     train_fn: Callable | None = None,
     train_ids: Collection[str] | None = None,
     progress: Progress | None = None,
+    scale_fn: ScaleFn | None = None,
 ) -> dict[str, Any]:
     """ONNX + checks + measured latency for every member; writes out_dir/export_report.json and returns it.
 
     `profile` (a DeviceProfile) supplies the measurement thread count and the noise ceiling the
     predicted/measured agreement is compared with. `train_ids` limits stand-alone training to those
-    arch_ids (None: every member). A member failing any check keeps its row, with errors.
+    arch_ids (None: every member). A member failing any check keeps its row, with errors. After measuring,
+    the profile's sentinel is timed again (`scale_fn`, default `sentinel_scale`) and the predictions are
+    also reported rescaled by it, as `hwnas predict --rescale` would give them now.
     """
     out_dir = Path(out_dir)
     try:
@@ -153,18 +157,41 @@ def export_front(
             log.warning("latency measurement failed: %s", measure_error)
             for row in rows:
                 row["errors"].append(f"latency not measured ({measure_error})")
+    sentinel = _sentinel_rescale(rows, profile, scale_fn) if measure and measure_error is None and rows else None
     for row in rows:
         row["passed"] = not row["errors"]
 
-    report = _report(rows, front, profile, train_epochs, threads, tolerance, measure_error)
+    report = _report(rows, front, profile, train_epochs, threads, tolerance, measure_error, sentinel)
     atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
     return report
 
 
+def _sentinel_rescale(rows: list[dict], profile: Any, scale_fn: ScaleFn | None) -> dict[str, float] | None:
+    """Time the profile's sentinel now; add each row's rescaled prediction. None when it cannot be done."""
+    if profile is None:
+        return None
+    if scale_fn is None:
+        from hwnas.profiling.profiler import sentinel_scale as scale_fn
+    try:
+        scale, now = scale_fn(profile)
+    except ValueError as err:  # an old or foreign profile without a repeatable sentinel
+        log.info("predictions not rescaled: %s", err)
+        return None
+    for row in rows:
+        row["predicted_rescaled_ms"] = row["predicted_latency_ms"] * scale
+        if row["measured_latency_ms"] is not None:
+            row["latency_ratio_rescaled"] = row["measured_latency_ms"] / row["predicted_rescaled_ms"]
+    return {"scale": scale, "now_ms": now, "profile_ms": float(profile.sentinel["latency_ms"])}
+
+
+def _within(rows: list[dict], key: str) -> float | None:
+    ratios = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
+    return float(np.mean(np.abs(ratios - 1) <= LATENCY_TOLERANCE)) if ratios.size else None
+
+
 def _report(rows: list[dict], front: ParetoFront, profile: Any, train_epochs: int, threads: int,
-            tolerance: float, measure_error: str | None) -> dict[str, Any]:
-    ratios = np.array([r["latency_ratio"] for r in rows if r["latency_ratio"] is not None], dtype=float)
-    within = float(np.mean(np.abs(ratios - 1) <= LATENCY_TOLERANCE)) if ratios.size else None
+            tolerance: float, measure_error: str | None, sentinel: dict[str, float] | None) -> dict[str, Any]:
+    within = _within(rows, "latency_ratio")
     ceiling = None
     if profile is not None:
         ceiling = profile.validation.get("noise_ceiling_within_10pct")
@@ -181,6 +208,8 @@ def _report(rows: list[dict], front: ParetoFront, profile: Any, train_epochs: in
             "n_passed": sum(r["passed"] for r in rows),
             "max_abs_diff": max((r["max_abs_diff"] for r in rows if r["max_abs_diff"] is not None), default=None),
             "latency_within_10pct": within,
+            "latency_within_10pct_rescaled": _within(rows, "latency_ratio_rescaled"),
+            "sentinel": sentinel,
             "noise_ceiling_within_10pct": ceiling,
             "best_test_accuracy": max(acc) if acc else None,
             "measure_error": measure_error,
@@ -207,8 +236,11 @@ def format_table(report: dict[str, Any]) -> str:
     s = report["summary"]
     within = "-" if s["latency_within_10pct"] is None else f"{100 * s['latency_within_10pct']:.0f} %"
     ceiling = "-" if s["noise_ceiling_within_10pct"] is None else f"{100 * s['noise_ceiling_within_10pct']:.0f} %"
-    lines.append(f"{s['n_passed']}/{s['n']} passed all checks; measured within +-10 % of predicted: {within} "
-                 f"(profile noise ceiling {ceiling})")
+    line = f"{s['n_passed']}/{s['n']} passed all checks; measured within +-10 % of predicted: {within}"
+    if s.get("latency_within_10pct_rescaled") is not None:
+        line += (f", of predicted x {s['sentinel']['scale']:.3f} (sentinel now / at profiling): "
+                 f"{100 * s['latency_within_10pct_rescaled']:.0f} %")
+    lines.append(f"{line} (profile noise ceiling {ceiling})")
     return "\n".join(lines)
 
 
