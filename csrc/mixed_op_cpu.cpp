@@ -388,6 +388,14 @@ void pool_backward_plane(const T* x, const T* pmax, const T* gmax, const T* gavg
   }
 }
 
+// Per-thread buffers of the combine kernels: both pools of one channel over the batch, plus the plane scratch.
+template <typename T>
+struct ThreadPools {
+  std::vector<T> pmax, pavg;
+  PoolScratch<T> sc;
+  ThreadPools(const PoolGeom& g, int64_t m) : pmax(m), pavg(m), sc(g) {}
+};
+
 struct CombineShape {
 
   int64_t n, c, h, w, ho, wo;
@@ -414,12 +422,10 @@ void combine_forward_kernel(const at::Tensor& x, const std::vector<double>& wv,
   T* od = out.mutable_data_ptr<T>();
   const auto bp = branch_ptrs<T>(branches);
   at::parallel_for(0, sh.c, grain(sh.n * hw * 4), [&](int64_t begin, int64_t end) {
-    std::vector<T> pmax, pavg;
-    if (pools) {
-      pmax.resize(m);
-      pavg.resize(m);
-    }
-    PoolScratch<T> sc(geom);
+    ThreadPools<T> tp(geom, pools ? m : 0);
+    std::vector<T>& pmax = tp.pmax;
+    std::vector<T>& pavg = tp.pavg;
+    PoolScratch<T>& sc = tp.sc;
     for (int64_t ch = begin; ch < end; ++ch) {
       // (scale, shift) turning a pooled value into w_k * BN(pooled)
       T am = 0, bm = 0, aa = 0, ba = 0;
@@ -495,12 +501,10 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
   for (int k = 0; k < kNumOps; ++k)
     if (gb[k].defined()) gbp[k] = gb[k].mutable_data_ptr<T>();
   at::parallel_for(0, sh.c, grain(sh.n * hw * 4), [&](int64_t begin, int64_t end) {
-    std::vector<T> pmax, pavg;
-    if (pools) {
-      pmax.resize(m);
-      pavg.resize(m);
-    }
-    PoolScratch<T> sc(geom);
+    ThreadPools<T> tp(geom, pools ? m : 0);
+    std::vector<T>& pmax = tp.pmax;
+    std::vector<T>& pavg = tp.pavg;
+    PoolScratch<T>& sc = tp.sc;
     T* gpm = sc.gpm.data();
     T* gpa = sc.gpa.data();
     for (int64_t ch = begin; ch < end; ++ch) {
