@@ -174,8 +174,8 @@ def _sentinel_rescale(rows: list[dict], profile: Any, scale_fn: ScaleFn | None) 
         from hwnas.profiling.profiler import sentinel_scale as scale_fn
     try:
         scale, now = scale_fn(profile)
-    except ValueError as err:  # an old or foreign profile without a repeatable sentinel
-        log.info("predictions not rescaled: %s", err)
+    except Exception as err:  # noqa: BLE001 - e.g. a profile without a repeatable sentinel: keep the export
+        log.warning("predictions not rescaled: %s", err)
         return None
     for row in rows:
         row["predicted_rescaled_ms"] = row["predicted_latency_ms"] * scale
