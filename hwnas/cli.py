@@ -126,33 +126,31 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary["ok"] else 1
 
 
-def _run_progress(stage: str, plan):  # -> the callback of that stage (see hwnas.pipeline.run_pipeline)
-    """tqdm bars for the stages of `hwnas run`."""
+def _bar_to(desc: str) -> Callable[[int, int], None]:
+    """A tqdm bar moved to `done` of `total` at each call, closed when it gets there."""
     from tqdm import tqdm
 
-    if stage == "search":
-        return _search_progress(plan.search.gens, "search")
-    bar = tqdm(total=1, desc=stage, unit="step", dynamic_ncols=True)
-    if stage == "supernet":
-        def supernet(done: int, total: int, metrics: dict) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-            if done >= total:
-                bar.close()
-        return supernet
-    if stage == "profile":
-        def profile(advance: int, total: int, what: str) -> None:
-            bar.total = total
-            bar.set_postfix_str(what)
-            bar.update(advance)
-        return profile
+    bar = tqdm(total=1, desc=desc, unit="step", dynamic_ncols=True)
 
-    def export(what: str, done: int, total: int) -> None:
+    def to(done: int, total: int) -> None:
         bar.total = total
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
-    return export
+
+    return to
+
+
+def _run_progress(stage: str, plan):  # -> the callback of that stage (see hwnas.pipeline.run_pipeline)
+    """tqdm bars for the stages of `hwnas run`."""
+    if stage == "search":
+        return _search_progress(plan.search.gens, "search")
+    if stage == "profile":
+        return _tqdm_progress("profile")[0]
+    to = _bar_to(stage)
+    if stage == "supernet":
+        return lambda done, total, metrics: to(done, total)
+    return lambda what, done, total: to(done, total)  # export
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
