@@ -7,7 +7,7 @@
    the profile's noise ceiling, and the stand-alone accuracy figures of the front.
 3. With --time-run quick|full: wall time of `hwnas run [--quick]` in a fresh folder (a subprocess).
 
-    python benchmarks/search.py --supernet hwnas-run-quick/supernet --profile hwnas-run-quick/profile.json
+    python benchmarks/search.py --supernet hwnas-run-quick/supernet
     python benchmarks/search.py --run-dir hwnas-run-quick --skip-search
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def search_figures(args: argparse.Namespace) -> dict:
         "objectives": "error: supernet shared-weight estimate (hwnas.train.AccuracyEstimator) on "
                       f"{args.valid_subset or 'all'} validation images, BN recalibrated on {args.calib_batches} batch(es) "
                       f"of {args.batch_size}; latency_ms: the profile's default predictor; params_m: exact count",
-        "supernet": str(args.supernet), "profile": str(args.profile),
+        "supernet": str(args.supernet), "profile": [str(p) for p in args.profile],
         "pop": args.pop, "gens": args.gens, "evaluation_budget": args.pop * args.gens,
         "reference_point": [float(r) for r in ref],
         "seeds": rows,
@@ -68,13 +68,15 @@ def synthetic_figures(args: argparse.Namespace) -> dict:
     """The same comparison with a synthetic error (a noisy decreasing function of the exact parameter count)
     and the real latency predictor: cheap enough for a realistic budget; it tests the optimizer, not the estimator."""
     from hwnas.config import SearchConfig
-    from hwnas.predictors import create_predictor
+    from hwnas.predictors import ByMacroPredictor
     from hwnas.profiling.device_profile import DeviceProfile
     from hwnas.search import HWNASProblem, ParamsCounter, search
     from hwnas.space import SearchSpace
 
-    profile = DeviceProfile.load(args.profile)
-    params = ParamsCounter(profile.macro)
+    profiles = [DeviceProfile.load(p) for p in args.profile]
+    space = SearchSpace(profiles[0].macro, resolutions=[p.macro.resolution for p in profiles])
+    latency = ByMacroPredictor.from_profiles(profiles).predict
+    params = ParamsCounter(profiles[0].macro)
 
     def error(genotypes):  # more parameters -> lower error, plus a fixed per-architecture wobble of +-2 points
         wobble = np.array([int(g.arch_id[:4], 16) / 0xFFFF - 0.5 for g in genotypes])
@@ -82,7 +84,7 @@ def synthetic_figures(args: argparse.Namespace) -> dict:
 
     rows = []
     for seed in args.seeds:
-        problem = HWNASProblem(SearchSpace(profile.macro), error, create_predictor(profile).predict)
+        problem = HWNASProblem(space, error, latency)
         ref = problem.reference_point()
         out = {"seed": seed}
         for algorithm in ("nsga2", "random"):
@@ -138,12 +140,28 @@ def time_run(kind: str) -> dict:
             "out": str(out), "tail": proc.stdout[-2000:] + proc.stderr[-1000:]}
 
 
+def default_profiles(supernet: Path) -> list[Path]:
+    """Per resolution of the supernet (or the default macro without one): the shipped profile, else the run's own."""
+    from hwnas.config import DEFAULT_MACRO
+    from hwnas.profiling import default_profile_path
+
+    if not (supernet / "supernet.json").exists():
+        return [default_profile_path(DEFAULT_MACRO) or supernet.parent / f"profile-{DEFAULT_MACRO.resolution}px.json"]
+    from hwnas.train import load_supernet
+
+    _, cfg = load_supernet(supernet)
+    return [default_profile_path(cfg.macro.at_resolution(r)) or supernet.parent / f"profile-{r}px.json"
+            for r in cfg.all_resolutions]
+
+
 def main() -> None:
     from hwnas.pipeline import PLANS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--supernet", type=Path, default=Path("hwnas-run-quick/supernet"))
-    parser.add_argument("--profile", type=Path, default=None, help="default: the shipped one, else RUN/profile.json")
+    parser.add_argument("--profile", type=Path, action="append", default=None,
+                        help="repeat per input resolution; default: for each resolution the supernet was trained at, "
+                             "the shipped profile, else RUN/profile-<R>px.json")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     full = PLANS["full"].search  # default budget: the one `hwnas run` searches with
     parser.add_argument("--pop", type=int, default=full.pop)
@@ -162,9 +180,7 @@ def main() -> None:
     # Timings on a shared 2-core machine depend on what else runs: record the load next to them.
     result: dict = {"load_average_at_start": list(os.getloadavg())}
     if args.profile is None:
-        from hwnas.profiling import default_profile_path
-
-        args.profile = default_profile_path() or args.supernet.parent / "profile.json"
+        args.profile = default_profiles(args.supernet)
     if not args.skip_search:
         result["search"] = search_figures(args)
     if args.synthetic:

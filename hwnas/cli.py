@@ -77,7 +77,8 @@ def _search(args: argparse.Namespace) -> int:
     out = Path(args.out)
     prepare_out_dir(out, args.resume)  # fail before the slow loading when the folder is unusable
     problem = build_problem(args.supernet, args.profile, cfg)
-    provenance = {"supernet": str(Path(args.supernet).resolve()), "profile": str(Path(args.profile).resolve())}
+    paths = [str(Path(p).resolve()) for p in args.profile]
+    provenance = {"supernet": str(Path(args.supernet).resolve()), "profile": paths[0] if len(paths) == 1 else paths}
     try:
         front, baseline = run_search(problem, cfg, out, resume=args.resume, compare_random=args.compare_random,
                                      progress=_search_progress(cfg.gens, "search"), provenance=provenance)
@@ -94,7 +95,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     d = SearchConfig()
     p = sub.add_parser("search", help="multi-objective search: error, latency on a device, parameters")
     p.add_argument("--supernet", required=True, help="folder written by `hwnas train-supernet`")
-    p.add_argument("--profile", required=True, help="device profile JSON (hwnas profile)")
+    p.add_argument("--profile", required=True, action="append",
+                   help="device profile JSON (hwnas profile); repeat it with one profile per input resolution the "
+                        "supernet was trained at to let the search choose each architecture's resolution too")
     p.add_argument("--pop", type=int, default=d.pop, help="population size (default %(default)s)")
     p.add_argument("--gens", type=int, default=d.gens, help="generations incl. the initial one (default %(default)s)")
     p.add_argument("--max-latency-ms", type=float, default=None, help="latency budget (predicted, ms)")
@@ -177,6 +180,7 @@ def _train_supernet(args: argparse.Namespace) -> int:
     from hwnas.train import train_supernet
 
     values = {f.name: getattr(args, f.name) for f in fields(SupernetConfig) if f.name != "macro"}
+    values["resolutions"] = tuple(args.resolutions)
     macro = replace(MacroConfig(), C=args.C, layers=args.layers, resolution=args.resolution)
     cfg = SupernetConfig(macro=macro, **values)
     bar = None  # created on the first step, so input errors print no empty bar
@@ -218,8 +222,10 @@ def _add_train_supernet(sub: argparse._SubParsersAction) -> None:
         "sampling": "uniform | alpha",
         "guard": "collapse guard: none | skip_dropout | early_stop",
     }
+    p.add_argument("--resolutions", type=int, nargs="*", default=list(d.resolutions),
+                   help="extra input resolutions trained by single-path steps (elastic macro), e.g. 8 12")
     for f in fields(SupernetConfig):
-        if f.name == "macro":
+        if f.name in ("macro", "resolutions"):
             continue
         default = getattr(d, f.name)
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
@@ -317,26 +323,38 @@ def _resolve_profile(path: str | None, macro):
 
 
 def _predict(args: argparse.Namespace) -> int:
-    """Predicted latency (ms) of each architecture file."""
+    """Predicted latency (ms) of each architecture file; each macro (input resolution) uses its own profile."""
+    import numpy as np
+
     from hwnas.predictors import create_predictor
     from hwnas.profiling.device_profile import DeviceProfile
 
     genotypes = _load_archs(args.arch)
-    macro = genotypes[0].macro
-    profile = DeviceProfile.load(_resolve_profile(args.profile, macro), expected_macro=macro)
-    for path, g in zip(args.arch, genotypes):
-        if g.macro != profile.macro:
-            raise ValueError(f"{path}: macro {g.macro.to_dict()} differs from the profile's {profile.macro.to_dict()}")
-    pred = create_predictor(profile, args.predictor)
-    ms = pred.predict(genotypes)
-    out: dict[str, Any] = {"profile": profile.name, "predictor": pred.name, "validation_mape": profile.validation.get("mape")}
-    if args.rescale:
-        from hwnas.profiling.profiler import sentinel_scale
+    given = [DeviceProfile.load(p) for p in args.profile or []]
+    ms = np.empty(len(genotypes))
+    out: dict[str, Any] = {"profiles": []}
+    for macro in dict.fromkeys(g.macro for g in genotypes):
+        rows = [i for i, g in enumerate(genotypes) if g.macro == macro]
+        profile = next((p for p in given if p.macro == macro), None)
+        if profile is None:
+            if given:
+                raise ValueError(f"{args.arch[rows[0]]}: macro {macro.to_dict()} is not the macro of any --profile "
+                                 f"({', '.join(str(p.macro.to_dict()) for p in given)})")
+            profile = DeviceProfile.load(_resolve_profile(None, macro), expected_macro=macro)
+        pred = create_predictor(profile, args.predictor)
+        ms[rows] = pred.predict([genotypes[i] for i in rows])
+        entry: dict[str, Any] = {"profile": profile.name, "resolution": macro.resolution, "predictor": pred.name,
+                                 "validation_mape": profile.validation.get("mape")}
+        if args.rescale:
+            from hwnas.profiling.profiler import sentinel_scale
 
-        scale, now = sentinel_scale(profile)
-        ms = ms * scale
-        out["sentinel_ms"] = {"profile": round(float(profile.sentinel["latency_ms"]), 4), "now": round(now, 4)}
-        out["scale"] = round(scale, 4)
+            scale, now = sentinel_scale(profile)
+            ms[rows] *= scale
+            entry["sentinel_ms"] = {"profile": round(float(profile.sentinel["latency_ms"]), 4), "now": round(now, 4)}
+            entry["scale"] = round(scale, 4)
+        out["profiles"].append(entry)
+    if len(out["profiles"]) == 1:  # one macro: the flat form
+        out = {k: v for k, v in out["profiles"][0].items() if k != "resolution"}
     out["latency_ms"] = {p: round(float(m), 4) for p, m in zip(args.arch, ms)}
     print(json.dumps(out, indent=2))
     return 0
@@ -345,7 +363,9 @@ def _predict(args: argparse.Namespace) -> int:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predicted latency (ms) per architecture")
     p.add_argument("arch", nargs="+", help="architecture JSON file(s)")
-    p.add_argument("--profile", default=None, help="device profile (default: the shipped one for this device)")
+    p.add_argument("--profile", default=None, action="append",
+                   help="device profile; repeat it for several macros / input resolutions "
+                        "(default: the shipped ones for this device)")
     p.add_argument("--predictor", default=None, help="predictor name (default: the profile's)")
     p.add_argument("--rescale", action="store_true",
                    help="time the profile's sentinel network now (a few seconds) and scale the predictions by "
@@ -409,7 +429,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default=None, help="architecture JSON file")
     p.add_argument("--out", default=None, help="ONNX file to write (with --arch) or output folder (with DIR)")
     p.add_argument("--train-epochs", type=int, default=0, help="with DIR: train each member stand-alone first")
-    p.add_argument("--profile", default=None, help="with DIR: device profile (default: the one the search used)")
+    p.add_argument("--profile", default=None, action="append",
+                   help="with DIR: device profile, repeated for each input resolution (default: the ones the search used)")
     p.add_argument("--threads", type=int, default=None, help="with DIR: onnxruntime threads for re-measuring")
     p.set_defaults(handler=_export)
 

@@ -1,7 +1,7 @@
 """Frozen configuration dataclasses; CLI flags map onto their fields one to one."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 
@@ -40,6 +40,14 @@ class MacroConfig:
         """Plain dict for JSON files."""
         return asdict(self)
 
+    def at_resolution(self, resolution: int) -> "MacroConfig":
+        """The same skeleton fed `resolution` x `resolution` inputs (the elastic macro's one free dimension)."""
+        return self if resolution == self.resolution else replace(self, resolution=resolution)
+
+    def same_but_resolution(self, other: "MacroConfig") -> bool:
+        """True when `other` differs from this macro at most in input resolution."""
+        return other.at_resolution(self.resolution) == self
+
     @classmethod
     def from_dict(cls, data: Any) -> "MacroConfig":
         """Parse a dict, naming unknown or missing keys."""
@@ -56,6 +64,9 @@ class SupernetConfig:
 
     data: str = "digits"
     macro: MacroConfig = DEFAULT_MACRO
+    # Elastic input resolution: single-path steps draw one of these (plus macro.resolution) per step, so the
+    # search can choose each architecture's resolution. Empty: macro.resolution only.
+    resolutions: tuple[int, ...] = ()
     epochs: int = 2  # bilevel epochs (weights on train, alphas on search-validation)
     sample_epochs: int = 20  # single-path fine-tuning epochs after the bilevel phase
     sampling: str = "uniform"  # single-path sampling: "uniform", "fair" (each op once per 7 steps) or "alpha"
@@ -77,6 +88,12 @@ class SupernetConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.macro, MacroConfig):
             raise ValueError(f"macro must be a MacroConfig, got {type(self.macro).__name__}")
+        if not isinstance(self.resolutions, tuple) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.resolutions
+        ):
+            raise ValueError(f"resolutions must be a tuple of positive integers, got {self.resolutions!r}")
+        if len(self.all_resolutions) > 1 and self.sample_epochs == 0:
+            raise ValueError("extra resolutions are trained by single-path steps only; they need sample_epochs > 0")
         for name in ("epochs", "sample_epochs", "max_param_free", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
@@ -97,6 +114,11 @@ class SupernetConfig:
         if not (0 < self.valid_fraction < 1 and 0 < self.test_fraction < 1 and self.valid_fraction + self.test_fraction < 1):
             raise ValueError("valid_fraction and test_fraction must be in (0, 1) and sum to less than 1")
 
+    @property
+    def all_resolutions(self) -> tuple[int, ...]:
+        """Every input resolution the supernet is trained at, ascending (macro.resolution included)."""
+        return tuple(sorted({self.macro.resolution, *self.resolutions}))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON files (macro nested)."""
         return asdict(self)
@@ -108,6 +130,8 @@ class SupernetConfig:
         data = dict(data)
         if "macro" in data:
             data["macro"] = MacroConfig.from_dict(data["macro"])
+        if isinstance(data.get("resolutions"), list):  # JSON has no tuples
+            data["resolutions"] = tuple(data["resolutions"])
         return cls(**data)
 
 

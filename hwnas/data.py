@@ -9,6 +9,7 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -30,6 +31,43 @@ class DataSplits:
     in_channels: int
     num_classes: int
     resolution: int
+
+
+class MultiResolutionData(Mapping[int, DataSplits]):
+    """One dataset's splits (the same samples in each) at several input resolutions, each loaded on first use."""
+
+    def __init__(self, spec: str, resolutions: Iterable[int], seed: int = 0, valid_fraction: float = 0.2,
+                 test_fraction: float = 0.2) -> None:
+        self.resolutions = tuple(sorted(set(resolutions)))
+        self._args = (spec, seed, valid_fraction, test_fraction)
+        self._loaded: dict[int, DataSplits] = {}
+
+    def __getitem__(self, resolution: int) -> DataSplits:
+        if resolution not in self.resolutions:
+            raise KeyError(resolution)
+        if resolution not in self._loaded:
+            spec, seed, valid, test = self._args
+            self._loaded[resolution] = load_dataset(spec, resolution, seed, valid, test)
+        return self._loaded[resolution]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.resolutions)
+
+    def __len__(self) -> int:
+        return len(self.resolutions)
+
+
+def splits_at(data: DataSplits | Mapping[int, DataSplits], resolution: int) -> DataSplits:
+    """The splits at `resolution` from one DataSplits or a resolution -> DataSplits mapping; ValueError if absent."""
+    if isinstance(data, Mapping):
+        if resolution in data:
+            return data[resolution]
+        have = list(data)
+    else:
+        have = [getattr(data, "resolution", resolution)]
+        if have[0] == resolution:
+            return data
+    raise ValueError(f"no data at resolution {resolution}; the dataset was prepared at {have}")
 
 
 def load_dataset(

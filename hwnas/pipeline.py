@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hwnas.config import ProfileConfig, SearchConfig, SupernetConfig
+from hwnas.config import MacroConfig, ProfileConfig, SearchConfig, SupernetConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,14 @@ class RunPlan:
 
 # Single-path (uniform) supernet epochs only: on a CPU a bilevel DARTS epoch costs several single-path ones,
 # and the search samples sub-networks uniformly anyway. Sized on the 2-core CI machine with the compiled
-# kernel: a single-path epoch of digits takes ~3 s there, one shared-weight estimate ~0.6 s.
+# kernel: a single-path epoch of digits takes ~3 s there at 16 px, one shared-weight estimate ~0.6 s.
+# Elastic input resolution: digits are natively 8x8, so low resolutions lose little accuracy and run 2-3x
+# faster; the quick plan keeps two resolutions so that a machine without shipped profiles measures only two.
 PLANS = {
-    "quick": RunPlan(SupernetConfig(epochs=0, sample_epochs=30), SearchConfig(pop=12, gens=10), train_epochs=10,
-                     train_members=2, profile_quick=True),
-    "full": RunPlan(SupernetConfig(epochs=0, sample_epochs=120), SearchConfig(pop=24, gens=20), train_epochs=20,
-                    train_members=4, profile_quick=False),
+    "quick": RunPlan(SupernetConfig(epochs=0, sample_epochs=30, resolutions=(8,)), SearchConfig(pop=12, gens=10),
+                     train_epochs=10, train_members=2, profile_quick=True),
+    "full": RunPlan(SupernetConfig(epochs=0, sample_epochs=120, resolutions=(6, 8, 12)), SearchConfig(pop=24, gens=20),
+                    train_epochs=20, train_members=4, profile_quick=False),
 }
 
 
@@ -45,6 +47,23 @@ def pick_members(errors: list[float], latencies: list[float], k: int) -> list[in
     spread = [int(order[r]) for r in np.rint(np.linspace(0, n - 1, k)).astype(int)]
     candidates = [int(np.argmin(errors)), int(np.argmin(latencies)), *spread, *map(int, order)]
     return sorted(list(dict.fromkeys(candidates))[:k])
+
+
+def _profile_for(macro: MacroConfig, out_dir: Path, plan: RunPlan,
+                 progress: Callable[[str, Any], Callable | None] | None) -> Path:
+    """The shipped profile of `macro` for this CPU, else a quick one measured into out_dir (kept for reruns)."""
+    from hwnas.profiling import default_profile_path
+    from hwnas.profiling.profiler import profile_device
+
+    path = default_profile_path(macro)
+    if path is not None:
+        return path
+    path = out_dir / f"profile-{macro.resolution}px.json"
+    if not path.exists():
+        log.info("no shipped profile matches this machine and macro %s; measuring a quick one into %s", macro.to_dict(), path)
+        profile_device(ProfileConfig(device="this-device", quick=plan.profile_quick, out=str(path), resume=True, macro=macro),
+                       progress=progress("profile", plan) if progress else None)
+    return path
 
 
 def _stage(lines: list[str], name: str, t0: float) -> None:
@@ -61,10 +80,9 @@ def run_pipeline(out_dir: Path, quick: bool = False,
     "export" in that stage's own signature (see hwnas.train, hwnas.profiling.profiler, hwnas.search), or None.
     """
     from hwnas.export import export_front, format_table
-    from hwnas.profiling import default_profile_path
     from hwnas.profiling.device_profile import DeviceProfile
     from hwnas.search.session import PLOT, build_problem, run_search, summary_lines
-    from hwnas.train import load_data, load_supernet, train_supernet
+    from hwnas.train import load_elastic_data, load_supernet, train_supernet
 
     plan = PLANS["quick" if quick else "full"]
     t0 = time.perf_counter()
@@ -82,35 +100,29 @@ def run_pipeline(out_dir: Path, quick: bool = False,
     _, sn_cfg = load_supernet(sn_dir)
     _stage(lines, f"supernet ready: {sn_dir}", t0)
 
-    # 2. device profile: the shipped one for this CPU, else a quick one measured now (kept for reruns)
-    profile_path = default_profile_path(sn_cfg.macro)
-    if profile_path is None:
-        profile_path = out_dir / "profile.json"
-        if not profile_path.exists():
-            from hwnas.profiling.profiler import profile_device
-
-            log.info("no shipped profile matches this machine; measuring a quick one into %s", profile_path)
-            profile_device(ProfileConfig(device="this-device", quick=plan.profile_quick, out=str(profile_path),
-                                         resume=True, macro=sn_cfg.macro),
-                           progress=progress("profile", plan) if progress else None)
-    profile = DeviceProfile.load(profile_path, expected_macro=sn_cfg.macro)
-    _stage(lines, f"profile: {profile_path}", t0)
+    # 2. device profiles, one per input resolution: the shipped one for this CPU, else a quick one measured now
+    profile_paths = [_profile_for(sn_cfg.macro.at_resolution(r), out_dir, plan, progress)
+                     for r in sn_cfg.all_resolutions]
+    profiles = [DeviceProfile.load(p, expected_macro=sn_cfg.macro.at_resolution(r))
+                for p, r in zip(profile_paths, sn_cfg.all_resolutions)]
+    _stage(lines, "profiles: " + ", ".join(map(str, profile_paths)), t0)
 
     # 3. search (NSGA-II, then random search at the same number of evaluations for the plot)
     search_dir = out_dir / "search"
     cfg = plan.search
-    problem = build_problem(sn_dir, profile_path, cfg)
+    problem = build_problem(sn_dir, profile_paths, cfg)
     front, baseline = run_search(problem, cfg, search_dir, resume=True, compare_random=True,
                                  progress=progress("search", plan) if progress else None,
-                                 provenance={"supernet": str(sn_dir.resolve()), "profile": str(Path(profile_path).resolve())})
+                                 provenance={"supernet": str(sn_dir.resolve()),
+                                             "profile": [str(Path(p).resolve()) for p in profile_paths]})
     lines += summary_lines(front, baseline, search_dir)
     _stage(lines, "search done", t0)
 
     # 4. export every member; train a spread of them stand-alone
     trained = pick_members([m.error for m in front.members], [m.latency_ms for m in front.members], plan.train_members)
     train_ids = {front.members[i].arch_id for i in trained}
-    report = export_front(front, out_dir / "export", profile=profile, train_epochs=plan.train_epochs,
-                          data=load_data(sn_cfg), train_ids=train_ids,
+    report = export_front(front, out_dir / "export", profile=profiles, train_epochs=plan.train_epochs,
+                          data=load_elastic_data(sn_cfg), train_ids=train_ids,
                           progress=progress("export", plan) if progress else None)
     lines.append(format_table(report))
     _stage(lines, f"export done: {out_dir / 'export'}", t0)

@@ -4,9 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from hwnas.config import MacroConfig
-from hwnas.space import Genotype, SearchSpace
+from hwnas.profiling import profiler, timer
+from hwnas.space import Genotype, SearchSpace, count_params
 
 
 @pytest.fixture
@@ -29,3 +31,31 @@ def genotype(tiny_macro: MacroConfig, rng: np.random.Generator) -> Genotype:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """No export, no onnxruntime: a model's 'latency' is a linear function of its parameter count."""
+    calls = []
+
+    def fake_bytes(module: nn.Module, shape, opset=17) -> bytes:
+        return repr(0.01 + 1e-6 * count_params(module)).encode()
+
+    def fake_time(model: bytes, shape, cfg) -> np.ndarray:
+        calls.append(model)
+        return np.full(cfg.runs, float(model.decode()))
+
+    monkeypatch.setattr(profiler, "onnx_bytes", fake_bytes)
+    monkeypatch.setattr(timer, "time_model", fake_time)
+    return calls
+
+
+@pytest.fixture
+def tiny_spec(tmp_path) -> str:
+    """60 8x8 grey images in 3 classes told apart by brightness: learnable in a few steps."""
+    rng = np.random.default_rng(0)
+    y = np.arange(60) % 3  # 3 classes
+    x = (y[:, None, None] + 0.3 * rng.standard_normal((60, 8, 8))).astype(np.float32)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x=x, y=y)
+    return f"npz:{path}"

@@ -128,3 +128,26 @@ def test_cli_predict_uses_the_profile(saved, tmp_path, tiny_macro, rng, capsys):
     saved.write_text("{")
     assert main(["predict", "--profile", str(saved), str(arch)]) == 2
     assert str(saved) in capsys.readouterr().err
+
+
+def test_cli_predict_routes_each_resolution_to_its_profile(saved, tmp_path, tiny_macro, rng, capsys):
+    from dataclasses import replace
+
+    from hwnas.cli import main
+    from hwnas.space import SearchSpace
+
+    small = tmp_path / "p4.json"
+    synthetic_profile(tiny_macro.at_resolution(4), seed=1).save(small)
+    g8 = SearchSpace(tiny_macro).sample(rng)
+    g4 = replace(g8, macro=tiny_macro.at_resolution(4))
+    archs = [tmp_path / "a8.json", tmp_path / "a4.json"]
+    g8.save(archs[0])
+    g4.save(archs[1])
+    assert main(["predict", "--profile", str(saved), "--profile", str(small), *map(str, archs)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for g, arch, prof in ((g8, archs[0], saved), (g4, archs[1], small)):
+        want = create_predictor(DeviceProfile.load(prof)).predict([g])[0]
+        assert out["latency_ms"][str(arch)] == pytest.approx(want, abs=1e-4)
+    assert [p["resolution"] for p in out["profiles"]] == [8, 4]
+    assert main(["predict", "--profile", str(saved), str(archs[1])]) == 2
+    assert "is not the macro of any --profile" in capsys.readouterr().err

@@ -48,15 +48,16 @@ def test_every_member_exported_and_verified(front: ParetoFront, tmp_path) -> Non
     assert front.members[0].arch_id in table and "2/2 passed" in table
 
 
-def test_predictions_rescaled_by_the_sentinel_timed_now(front: ParetoFront, tmp_path) -> None:
+def test_predictions_rescaled_by_the_sentinel_timed_now(front: ParetoFront, tmp_path, tiny_macro: MacroConfig) -> None:
     """The device got 1.25x slower since profiling: rescaled predictions match the measurements again."""
     profile = SimpleNamespace(device={"threads": 1}, validation={"noise_ceiling_within_10pct": 1.0},
-                              sentinel={"latency_ms": 0.2}, name="fake")
+                              sentinel={"latency_ms": 0.2}, name="fake", macro=tiny_macro)
     report = export_front(front, tmp_path, profile=profile, measure_fn=lambda gs: np.array([1.25, 2.5]),
                           scale_fn=lambda p: (1.25, 0.25))
     s = report["summary"]
     assert s["latency_within_10pct"] == 0.0 and s["latency_within_10pct_rescaled"] == 1.0
-    assert s["sentinel"] == {"scale": 1.25, "now_ms": 0.25, "profile_ms": 0.2}
+    assert s["sentinel"] == [{"profile": "fake", "resolution": tiny_macro.resolution, "scale": 1.25, "now_ms": 0.25,
+                              "profile_ms": 0.2}]
     assert report["members"][1]["predicted_rescaled_ms"] == pytest.approx(2.5)
     assert "x 1.250" in format_table(report)
 

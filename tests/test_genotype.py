@@ -87,3 +87,31 @@ def test_repair_makes_any_integer_vector_decodable(rng):
         x = rng.integers(-3, 10, size=space.n_var)
         g = space.decode(space.repair(x))
         assert all(op in GENOTYPE_OPS for op, _ in g.normal + g.reduce)
+
+
+def test_elastic_space_chooses_the_resolution_too(rng):
+    fixed, space = SearchSpace(), SearchSpace(MacroConfig(), resolutions=[16, 8, 12, 8])
+    assert space.resolutions == (8, 12, 16) and space.n_var == fixed.n_var + 1
+    xl, xu = space.bounds()
+    assert xu[-1] == 2
+    seen = set()
+    for _ in range(100):
+        g = space.sample(rng)
+        seen.add(g.macro.resolution)
+        assert g.macro == MacroConfig(resolution=g.macro.resolution)
+        assert space.decode(space.encode(g)) == g
+        assert space.decode(space.repair(rng.integers(-3, 10, size=space.n_var))).macro.resolution in space.resolutions
+    assert seen == {8, 12, 16}
+    # The resolution is part of the architecture: the same cells at two resolutions are two arch_ids.
+    g = fixed.sample(rng)
+    x = space.encode(g)
+    assert x[-1] == 2 and space.decode(np.r_[x[:-1], 0]).arch_id != g.arch_id
+    with pytest.raises(ValueError, match="resolution 16 is not searched"):
+        SearchSpace(MacroConfig(), resolutions=[8, 12]).encode(g)
+
+
+def test_a_fixed_resolution_space_samples_as_before():
+    """Adding the elastic option must not change what a plain space draws (profiles' sample sets depend on it)."""
+    a = SearchSpace().sample(np.random.default_rng(5))
+    b = SearchSpace(MacroConfig(), resolutions=[16]).sample(np.random.default_rng(5))
+    assert a == b and SearchSpace().n_var == 32

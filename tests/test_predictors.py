@@ -87,3 +87,23 @@ def test_metrics():
     assert figs["mape"] == pytest.approx(100 * (0 + 0.04 + 0.08 + 0.2) / 4)
     nc = noise_ceiling(m, m * np.array([1.0, 1.2, 1.0, 0.95]))
     assert nc["noise_ceiling_within_10pct"] == 0.75
+
+
+def test_by_macro_predictor_routes_each_genotype_to_its_resolution(tiny_macro, rng, block_ms):
+    from dataclasses import replace
+
+    from hwnas.predictors import ByMacroPredictor
+
+    small = tiny_macro.at_resolution(4)
+    small_ms = {b.key: float(rng.uniform(0.001, 0.01)) for b in op_blocks(small)}
+    preds = {tiny_macro: BlockSumPredictor(pair_tables(tiny_macro, block_ms), 0.1).fit([], []),
+             small: BlockSumPredictor(pair_tables(small, small_ms), 0.05).fit([], [])}
+    space = SearchSpace(tiny_macro, resolutions=[4, 8])
+    gs = [space.sample(rng) for _ in range(30)]
+    got = ByMacroPredictor(preds).predict(gs)
+    want = [slow_blocksum(g, block_ms if g.macro == tiny_macro else small_ms, 0.1 if g.macro == tiny_macro else 0.05)
+            for g in gs]
+    assert {g.macro.resolution for g in gs} == {4, 8}
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    with pytest.raises(ValueError, match="no latency profile for macro.*resolutions \\[4, 8\\]"):
+        ByMacroPredictor(preds).predict([replace(gs[0], macro=tiny_macro.at_resolution(6))])

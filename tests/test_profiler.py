@@ -12,23 +12,6 @@ from hwnas.profiling.device_profile import DeviceProfile
 from hwnas.space import SearchSpace, count_params
 
 
-@pytest.fixture
-def fake_device(monkeypatch):
-    """No export, no onnxruntime: a model's 'latency' is a linear function of its parameter count."""
-    calls = []
-
-    def fake_bytes(module: nn.Module, shape, opset=17) -> bytes:
-        return repr(0.01 + 1e-6 * count_params(module)).encode()
-
-    def fake_time(model: bytes, shape, cfg) -> np.ndarray:
-        calls.append(model)
-        return np.full(cfg.runs, float(model.decode()))
-
-    monkeypatch.setattr(profiler, "onnx_bytes", fake_bytes)
-    monkeypatch.setattr(timer, "time_model", fake_time)
-    return calls
-
-
 def small_cfg(tmp_path, macro, **kw):
     base = dict(device="tiny", out=str(tmp_path / "tiny.json"), macro=macro, n_calibration=12, n_validation=6,
                 runs=2, warmup=0, rounds=2)

@@ -196,3 +196,57 @@ def test_run_search_writes_files_and_guards_the_folder(tiny_macro: MacroConfig, 
     blocker.write_text("x")
     with pytest.raises(ValueError, match="cannot write"):
         prepare_out_dir(blocker, resume=False)
+
+
+def test_elastic_search_on_a_supernet_with_one_profile_per_resolution(tiny_macro: MacroConfig, tiny_spec: str,
+                                                                       fake_device, tmp_path, monkeypatch) -> None:
+    """Supernet trained at 8 and 4 px + a profile for each: the search picks resolutions, export follows them."""
+    from dataclasses import replace
+
+    from hwnas.profiling import timer
+
+    # The fake device of conftest, made slower on larger inputs so that the profiles of two resolutions differ.
+    fake_time = timer.time_model
+    monkeypatch.setattr(timer, "time_model", lambda model, shape, cfg: fake_time(model, shape, cfg) * (1 + shape[-1]))
+
+    from hwnas.config import ProfileConfig, SupernetConfig
+    from hwnas.export import export_front
+    from hwnas.predictors import create_predictor
+    from hwnas.profiling import profiler
+    from hwnas.search.session import build_problem
+    from hwnas.train import load_elastic_data, load_supernet, train_supernet
+
+    sn_dir = train_supernet(SupernetConfig(data=tiny_spec, macro=tiny_macro, epochs=0, sample_epochs=1, batch_size=16,
+                                           resolutions=(4,)), tmp_path / "supernet")
+    _, sn_cfg = load_supernet(sn_dir)
+    paths = {}
+    for res in (8, 4, 6):
+        macro = sn_cfg.macro.at_resolution(res)
+        paths[res] = tmp_path / f"p{res}.json"
+        profiler.profile_device(ProfileConfig(device=f"tiny{res}", out=str(paths[res]), macro=macro, n_calibration=8,
+                                              n_validation=4, runs=2, warmup=0, rounds=2))
+    problem = build_problem(sn_dir, [paths[8], paths[4]], SearchConfig(pop=8, gens=2))
+    assert problem.space.resolutions == (4, 8)
+    front = search(problem, SearchConfig(pop=8, gens=3, seed=0))
+    gs = [replace(front.members[0].genotype, macro=sn_cfg.macro.at_resolution(r)) for r in (4, 8)]
+    for g, row in zip(gs, problem.objectives(gs)):  # each resolution's latency comes from its own profile
+        own = profiler.DeviceProfile.load(paths[g.macro.resolution])
+        assert row[1] == pytest.approx(create_predictor(own).predict([g])[0])
+    assert problem.objectives(gs)[0, 1] < 0.9 * problem.objectives(gs)[1, 1]
+    assert {m.genotype.macro.resolution for m in front.members} <= {4, 8}
+
+    with pytest.raises(ValueError, match="measured for macro"):
+        build_problem(sn_dir, [paths[4]], SearchConfig(pop=8, gens=2))  # one profile must be the supernet's macro
+    with pytest.raises(ValueError, match="trained at resolutions \\[4, 8\\]"):
+        build_problem(sn_dir, [paths[8], paths[6]], SearchConfig(pop=8, gens=2))
+
+    profiles = [profiler.DeviceProfile.load(paths[r]) for r in (8, 4)]
+    report = export_front(front, tmp_path / "export", profile=profiles, data=load_elastic_data(sn_cfg),
+                          measure_fn=lambda gs: np.array([m.latency_ms for m in front.members]),
+                          scale_fn=lambda p: (2.0 if p.macro.resolution == 4 else 1.0, 0.1))
+    assert report["summary"]["n_passed"] == len(front.members)
+    assert {s["resolution"]: s["scale"] for s in report["summary"]["sentinel"]} == {
+        r: (2.0 if r == 4 else 1.0) for r in {m.genotype.macro.resolution for m in front.members}}
+    for row, member in zip(report["members"], front.members):
+        want = 2.0 if member.genotype.macro.resolution == 4 else 1.0
+        assert row["predicted_rescaled_ms"] == pytest.approx(want * member.latency_ms)

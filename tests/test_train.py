@@ -15,8 +15,7 @@ from hwnas.space import Genotype, SearchSpace
 from hwnas.train import AccuracyEstimator, load_supernet, sample_genotype, train_network, train_supernet
 from hwnas.train.supernet import CHECKPOINT_FILE
 
-CLASSES = 3
-
+CLASSES = 3  # of the tiny_spec data set (conftest)
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -28,17 +27,6 @@ def _one_thread():
 
 
 @pytest.fixture
-def tiny_spec(tmp_path: Path) -> str:
-    """60 8x8 grey images in 3 classes told apart by brightness: learnable in a few steps."""
-    rng = np.random.default_rng(0)
-    y = np.arange(60) % CLASSES
-    x = (y[:, None, None] + 0.3 * rng.standard_normal((60, 8, 8))).astype(np.float32)
-    path = tmp_path / "tiny.npz"
-    np.savez(path, x=x, y=y)
-    return f"npz:{path}"
-
-
-@pytest.fixture
 def cfg(tiny_spec: str, tiny_macro: MacroConfig) -> SupernetConfig:
     return SupernetConfig(data=tiny_spec, macro=tiny_macro, epochs=1, sample_epochs=1, batch_size=16)
 
@@ -47,7 +35,10 @@ def _model_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / CHECKPOINT_FILE, weights_only=True)["model"]
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(cfg: SupernetConfig, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra_resolutions", [(), (4,)])
+def test_resume_after_interruption_equals_uninterrupted_run(cfg: SupernetConfig, tmp_path: Path,
+                                                           extra_resolutions: tuple[int, ...]) -> None:
+    cfg = replace(cfg, resolutions=extra_resolutions)
     straight = train_supernet(cfg, tmp_path / "straight")
 
     def interrupt(done: int, total: int, info: dict) -> None:
@@ -139,3 +130,29 @@ def test_train_network_learns_and_is_seeded(tiny_spec: str, tiny_macro: MacroCon
     assert acc_again == acc
     with pytest.raises(ValueError, match="does not fit"):
         train_network(SearchSpace(tiny_macro).sample(np.random.default_rng(0)), data, epochs=1)
+
+
+def test_elastic_supernet_trains_and_estimates_every_resolution(cfg: SupernetConfig, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from hwnas.space.supernet import Supernet
+    from hwnas.train import load_elastic_data
+
+    seen: list[int] = []
+    forward = Supernet.forward
+    monkeypatch.setattr(Supernet, "forward", lambda self, x, w=None: (seen.append(x.shape[-1]), forward(self, x, w))[1])
+    cfg = replace(cfg, epochs=0, sample_epochs=2, resolutions=(4,))
+    assert cfg.all_resolutions == (4, 8)
+    supernet, cfg = load_supernet(train_supernet(cfg, tmp_path / "run"))
+    assert set(seen) == {4, 8}  # single-path steps switch input resolution
+    assert SupernetConfig.from_dict(cfg.to_dict()) == cfg  # the JSON list comes back as the tuple
+
+    est = AccuracyEstimator(supernet, load_elastic_data(cfg), calib_batches=1, batch_size=8)
+    space = SearchSpace(cfg.macro, resolutions=cfg.all_resolutions)
+    g8 = replace(space.sample(np.random.default_rng(0)), macro=cfg.macro)
+    g4 = replace(g8, macro=cfg.macro.at_resolution(4))
+    errors = est.error([g8, g4])
+    assert np.all((errors >= 0) & (errors <= 1)) and len(est._cache) == 2
+    with pytest.raises(ValueError, match="no data at resolution 6"):
+        est.error([replace(g8, macro=cfg.macro.at_resolution(6))])
+    with pytest.raises(ValueError, match="need sample_epochs > 0"):
+        replace(cfg, epochs=1, sample_epochs=0)

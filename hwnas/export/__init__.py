@@ -21,13 +21,18 @@ def cli_export_dir(args: argparse.Namespace) -> int:
     front = ParetoFront.load(run_dir / "front.json")
     train_epochs = int(getattr(args, "train_epochs", 0) or 0)
     out_dir = Path(getattr(args, "out", None) or run_dir / "export")
-    profile_path = getattr(args, "profile", None) or front.config.get("profile")
+    profile_paths = getattr(args, "profile", None) or front.config.get("profile")
+    if isinstance(profile_paths, str):
+        profile_paths = [profile_paths]
     profile = None
-    if profile_path:
+    if profile_paths:
         from hwnas.profiling.device_profile import DeviceProfile
 
-        macro = front.members[0].genotype.macro if front.members else None
-        profile = DeviceProfile.load(profile_path, expected_macro=macro)
+        profile = [DeviceProfile.load(p) for p in profile_paths]
+        missing = sorted({m.genotype.macro.resolution for m in front.members} - {p.macro.resolution for p in profile})
+        if missing or any(not p.macro.same_but_resolution(m.genotype.macro) for p in profile for m in front.members):
+            raise ValueError(f"the profiles {profile_paths} do not cover the front's macros "
+                             f"{sorted({str(m.genotype.macro.to_dict()) for m in front.members})}")
     data = None
     if train_epochs > 0:
         supernet_dir = front.config.get("supernet")
@@ -41,12 +46,12 @@ def cli_export_dir(args: argparse.Namespace) -> int:
     return 0 if report["summary"]["n_passed"] == report["summary"]["n"] else 1
 
 
-def _load_search_data(supernet_dir: Path):  # -> DataSplits
-    """The dataset (same splits) a supernet was trained on."""
-    from hwnas.train import load_data, load_supernet
+def _load_search_data(supernet_dir: Path):  # -> MultiResolutionData
+    """The dataset (same splits) a supernet was trained on, at each resolution it was trained at."""
+    from hwnas.train import load_elastic_data, load_supernet
 
     _, cfg = load_supernet(supernet_dir)
-    return load_data(cfg)
+    return load_elastic_data(cfg)
 
 
 def _progress_printer():

@@ -10,6 +10,7 @@ from typing import Any, Callable, Collection
 import numpy as np
 import torch
 
+from hwnas.data import splits_at
 from hwnas.jsonio import atomic_write_text, load_json
 from hwnas.search.front import FrontMember, ParetoFront
 from hwnas.space.genotype import Genotype
@@ -33,7 +34,30 @@ def _default_measure(threads: int, profile: Any = None) -> MeasureFn:
 
     timing = dict((profile.device.get("timing") or {}) if profile is not None else {})
     kwargs = {k: timing[k] for k in ("rounds", "runs", "warmup", "optimization_level") if k in timing}
-    return lambda genotypes: np.asarray(measure_genotypes(list(genotypes), threads=threads, **kwargs), dtype=float)
+
+    def measure(genotypes: list[Genotype]) -> np.ndarray:
+        out = np.empty(len(genotypes))
+        for rows in _rows_by_macro(genotypes).values():  # each macro has its own sentinel network
+            out[rows] = measure_genotypes([genotypes[i] for i in rows], threads=threads, **kwargs)
+        return out
+
+    return measure
+
+
+def _rows_by_macro(genotypes: list[Genotype]) -> dict[Any, list[int]]:
+    """Row indices grouped by macro config, in first-seen order."""
+    groups: dict[Any, list[int]] = {}
+    for i, g in enumerate(genotypes):
+        groups.setdefault(g.macro, []).append(i)
+    return groups
+
+
+def _by_macro(profile: Any) -> dict[Any, Any]:
+    """A profile, a list of them (one per resolution) or None, as macro -> profile."""
+    if profile is None:
+        return {}
+    profiles = list(profile) if isinstance(profile, (list, tuple)) else [profile]
+    return {p.macro: p for p in profiles}
 
 
 def _onnx_opset(path: Path) -> int:
@@ -47,7 +71,7 @@ def _verify_input(member: FrontMember, data: Any, seed: int) -> torch.Tensor:
     """Real test images when a dataset is given (the range a deployed model sees), else seeded noise."""
     macro = member.genotype.macro
     if data is not None:
-        return data.test.tensors[0][:VERIFY_BATCH].float()
+        return splits_at(data, macro.resolution).test.tensors[0][:VERIFY_BATCH].float()
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(VERIFY_BATCH, macro.in_channels, macro.resolution, macro.resolution, generator=gen)
 
@@ -71,7 +95,7 @@ def _export_member(rank: int, member: FrontMember, out_dir: Path, train_epochs: 
             if data is None:
                 raise ValueError("stand-alone training needs the dataset")
             train = train_fn or _train_network
-            net, acc = train(g, data, train_epochs, seed)
+            net, acc = train(g, splits_at(data, g.macro.resolution), train_epochs, seed)
             row["trained_epochs"], row["test_accuracy"] = train_epochs, float(acc)
         else:
             with torch.random.fork_rng():
@@ -115,8 +139,9 @@ def export_front(
 ) -> dict[str, Any]:
     """ONNX + checks + measured latency for every member; writes out_dir/export_report.json and returns it.
 
-    `profile` (a DeviceProfile) supplies the measurement thread count and the noise ceiling the
-    predicted/measured agreement is compared with. `train_ids` limits stand-alone training to those
+    `profile` (a DeviceProfile, or a list with one per input resolution of the front) supplies the
+    measurement thread count and the noise ceiling the predicted/measured agreement is compared with.
+    `data` is the dataset (a DataSplits, or a resolution -> DataSplits mapping). `train_ids` limits stand-alone training to those
     arch_ids (None: every member). A member failing any check keeps its row, with errors. After measuring,
     the profile's sentinel is timed again (`scale_fn`, default `sentinel_scale`) and the predictions are
     also reported rescaled by it, as `hwnas predict --rescale` would give them now.
@@ -131,8 +156,10 @@ def export_front(
         raise ValueError(f"cannot write to export directory {out_dir}: {err.strerror or err}") from None
     if not isinstance(train_epochs, int) or train_epochs < 0:
         raise ValueError(f"train_epochs must be a non-negative integer, got {train_epochs!r}")
+    profiles = _by_macro(profile)
+    first = next(iter(profiles.values()), None)
     if threads is None:
-        threads = int((profile.device.get("threads") if profile is not None else None) or 1)
+        threads = int((first.device.get("threads") if first is not None else None) or 1)
 
     rows = []
     n = len(front.members)
@@ -145,7 +172,7 @@ def export_front(
     measure_error = None
     if measure and rows:
         try:
-            fn = measure_fn or _default_measure(threads, profile)
+            fn = measure_fn or _default_measure(threads, first)
             measured = np.asarray(fn([m.genotype for m in front.members]), dtype=float).reshape(-1)
             if measured.shape != (n,):
                 raise ValueError(f"measurement returned {measured.size} values for {n} models")
@@ -157,31 +184,43 @@ def export_front(
             log.warning("latency measurement failed: %s", measure_error)
             for row in rows:
                 row["errors"].append(f"latency not measured ({measure_error})")
-    sentinel = _sentinel_rescale(rows, profile, scale_fn) if measure and measure_error is None and rows else None
+    sentinel = None
+    if measure and measure_error is None and rows:
+        sentinel = _sentinel_rescale(rows, [m.genotype for m in front.members], profiles, scale_fn)
     for row in rows:
         row["passed"] = not row["errors"]
 
-    report = _report(rows, front, profile, train_epochs, threads, tolerance, measure_error, sentinel)
+    report = _report(rows, front, profiles, train_epochs, threads, tolerance, measure_error, sentinel)
     atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
     return report
 
 
-def _sentinel_rescale(rows: list[dict], profile: Any, scale_fn: ScaleFn | None) -> dict[str, float] | None:
-    """Time the profile's sentinel now; add each row's rescaled prediction. None when it cannot be done."""
-    if profile is None:
+def _sentinel_rescale(rows: list[dict], genotypes: list[Genotype], profiles: dict[Any, Any],
+                      scale_fn: ScaleFn | None) -> list[dict[str, Any]] | None:
+    """Time each profile's sentinel now; add the rescaled prediction to its rows. None when it cannot be done."""
+    if not profiles:
         return None
     if scale_fn is None:
         from hwnas.profiling.profiler import sentinel_scale as scale_fn
-    try:
-        scale, now = scale_fn(profile)
-    except Exception as err:  # noqa: BLE001 - e.g. a profile without a repeatable sentinel: keep the export
-        log.warning("predictions not rescaled: %s", err)
-        return None
-    for row in rows:
-        row["predicted_rescaled_ms"] = row["predicted_latency_ms"] * scale
-        if row["measured_latency_ms"] is not None:
-            row["latency_ratio_rescaled"] = row["measured_latency_ms"] / row["predicted_rescaled_ms"]
-    return {"scale": scale, "now_ms": now, "profile_ms": float(profile.sentinel["latency_ms"])}
+    out = []
+    for macro, idx in _rows_by_macro(genotypes).items():
+        profile = profiles.get(macro)
+        if profile is None:
+            log.warning("predictions at resolution %d not rescaled: no profile for that macro", macro.resolution)
+            continue
+        try:
+            scale, now = scale_fn(profile)
+        except Exception as err:  # noqa: BLE001 - e.g. a profile without a repeatable sentinel: keep the export
+            log.warning("predictions not rescaled: %s", err)
+            return None
+        for i in idx:
+            row = rows[i]
+            row["predicted_rescaled_ms"] = row["predicted_latency_ms"] * scale
+            if row["measured_latency_ms"] is not None:
+                row["latency_ratio_rescaled"] = row["measured_latency_ms"] / row["predicted_rescaled_ms"]
+        out.append({"profile": profile.name, "resolution": macro.resolution, "scale": scale, "now_ms": now,
+                    "profile_ms": float(profile.sentinel["latency_ms"])})
+    return out or None
 
 
 def _within(rows: list[dict], key: str) -> float | None:
@@ -189,19 +228,20 @@ def _within(rows: list[dict], key: str) -> float | None:
     return float(np.mean(np.abs(ratios - 1) <= LATENCY_TOLERANCE)) if ratios.size else None
 
 
-def _report(rows: list[dict], front: ParetoFront, profile: Any, train_epochs: int, threads: int,
-            tolerance: float, measure_error: str | None, sentinel: dict[str, float] | None) -> dict[str, Any]:
+def _report(rows: list[dict], front: ParetoFront, profiles: dict[Any, Any], train_epochs: int, threads: int,
+            tolerance: float, measure_error: str | None, sentinel: list[dict[str, Any]] | None) -> dict[str, Any]:
     within = _within(rows, "latency_ratio")
-    ceiling = None
-    if profile is not None:
-        ceiling = profile.validation.get("noise_ceiling_within_10pct")
+    # Each member is held to the noise ceiling of the profile that predicted it; the front's is their mean.
+    ceilings = [profiles[m.genotype.macro].validation.get("noise_ceiling_within_10pct")
+                for m in front.members if m.genotype.macro in profiles]
+    ceiling = float(np.mean(ceilings)) if ceilings and None not in ceilings else None
     acc = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
     return {
         "schema_version": REPORT_VERSION,
         "tolerance": {"max_abs_diff": tolerance, "latency_within": LATENCY_TOLERANCE},
         "train_epochs": train_epochs,
         "threads": threads,
-        "profile": getattr(profile, "name", None),
+        "profile": [p.name for p in profiles.values()] if len(profiles) > 1 else next((p.name for p in profiles.values()), None),
         "front": {"n_members": len(front.members), "hypervolume": front.hypervolume, "feasible": front.feasible},
         "summary": {
             "n": len(rows),
@@ -238,7 +278,8 @@ def format_table(report: dict[str, Any]) -> str:
     ceiling = "-" if s["noise_ceiling_within_10pct"] is None else f"{100 * s['noise_ceiling_within_10pct']:.0f} %"
     line = f"{s['n_passed']}/{s['n']} passed all checks; measured within +-10 % of predicted: {within}"
     if s.get("latency_within_10pct_rescaled") is not None:
-        line += (f", of predicted x {s['sentinel']['scale']:.3f} (sentinel now / at profiling): "
+        scales = ", ".join(f"{x['scale']:.3f} ({x['resolution']}px)" for x in s["sentinel"])
+        line += (f", of predicted x {scales} (sentinel now / at profiling): "
                  f"{100 * s['latency_within_10pct_rescaled']:.0f} %")
     lines.append(f"{line} (profile noise ceiling {ceiling})")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hwnas.predictors.base import LatencyPredictor, encode_all
+from hwnas.predictors.by_macro import ByMacroPredictor
 from hwnas.predictors.linear import BlockSumPredictor, CalibratedPredictor, ScaledBlockSumPredictor
 
 if TYPE_CHECKING:
@@ -37,4 +38,4 @@ def create_predictor(profile: "DeviceProfile", name: str | None = None) -> Laten
     return PREDICTORS[name].from_dict(profile.predictors[name], table, fixed)
 
 
-__all__ = ["PREDICTORS", "BlockSumPredictor", "CalibratedPredictor", "ScaledBlockSumPredictor", "LatencyPredictor", "create_predictor", "encode_all"]
+__all__ = ["PREDICTORS", "BlockSumPredictor", "ByMacroPredictor", "CalibratedPredictor", "ScaledBlockSumPredictor", "LatencyPredictor", "create_predictor", "encode_all"]

@@ -5,12 +5,16 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
-from hwnas.config import SearchConfig
+from hwnas.config import SearchConfig, SupernetConfig
 from hwnas.search.front import ParetoFront, plot_fronts
 from hwnas.search.problem import HWNASProblem
 from hwnas.search.runner import Progress, search
+
+if TYPE_CHECKING:
+    from hwnas.data import DataSplits
+    from hwnas.profiling.device_profile import DeviceProfile
 
 log = logging.getLogger(__name__)
 
@@ -37,32 +41,61 @@ def prepare_out_dir(out_dir: Path, resume: bool, checkpoint: str = CHECKPOINT) -
                          "or choose another --out")
 
 
-def build_problem(supernet_dir: str | Path, profile_path: str | Path, cfg: SearchConfig,
-                  estimator_kwargs: dict[str, Any] | None = None, valid_subset: int | None = None) -> HWNASProblem:
-    """The search problem on the real objectives: supernet accuracy estimate + the profile's latency predictor.
+def load_profiles(paths: str | Path | Sequence[str | Path], sn_cfg: SupernetConfig) -> list[DeviceProfile]:
+    """The device profiles for a supernet's networks, one per input resolution searched; errors name the file."""
+    from hwnas.profiling.device_profile import DeviceProfile
 
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise ValueError("no device profile given")
+    profiles = []
+    for path in paths:
+        if len(paths) == 1:  # one profile: it must be for the supernet's own macro (DeviceProfile names both)
+            profile = DeviceProfile.load(path, expected_macro=sn_cfg.macro)
+        else:
+            profile = DeviceProfile.load(path)
+            if not sn_cfg.macro.same_but_resolution(profile.macro):
+                raise ValueError(f"{path}: profile was measured for macro {profile.macro.to_dict()}, but the supernet's "
+                                 f"networks use macro {sn_cfg.macro.to_dict()} (any of resolutions {list(sn_cfg.all_resolutions)})")
+            if profile.macro.resolution not in sn_cfg.all_resolutions:
+                raise ValueError(f"{path}: profile is for resolution {profile.macro.resolution}, but the supernet was "
+                                 f"trained at resolutions {list(sn_cfg.all_resolutions)}")
+        profiles.append(profile)
+    return profiles
+
+
+def build_problem(supernet_dir: str | Path, profile_path: str | Path | Sequence[str | Path], cfg: SearchConfig,
+                  estimator_kwargs: dict[str, Any] | None = None, valid_subset: int | None = None) -> HWNASProblem:
+    """The search problem on the real objectives: supernet accuracy estimate + the profiles' latency predictors.
+
+    One profile: architectures at the supernet's macro. Several (one per resolution the supernet was
+    trained at): the search also chooses each architecture's input resolution among the profiled ones.
     `valid_subset` estimates on the first N validation images only (a cheaper, noisier estimate).
     """
-    from hwnas.predictors import create_predictor
-    from hwnas.profiling.device_profile import DeviceProfile
+    from hwnas.predictors import ByMacroPredictor
     from hwnas.space.genotype import SearchSpace
-    from hwnas.train import AccuracyEstimator, load_data, load_supernet
+    from hwnas.train import AccuracyEstimator, load_elastic_data, load_supernet
 
     supernet, sn_cfg = load_supernet(Path(supernet_dir))
-    # The profile must describe the networks the supernet produces; DeviceProfile.load names both macros if not.
-    profile = DeviceProfile.load(profile_path, expected_macro=sn_cfg.macro)
-    predictor = create_predictor(profile)
-    data = load_data(sn_cfg)
+    profiles = load_profiles(profile_path, sn_cfg)
+    predictor = ByMacroPredictor.from_profiles(profiles)
+    resolutions = sorted(p.macro.resolution for p in profiles)
+    data: Any = load_elastic_data(sn_cfg)
     if valid_subset is not None:
-        from dataclasses import replace as dc_replace
-
-        from torch.utils.data import TensorDataset
-
-        x, y = data.valid.tensors
-        data = dc_replace(data, valid=TensorDataset(x[:valid_subset], y[:valid_subset]))
+        data = {r: _first_valid(data[r], valid_subset) for r in resolutions}
     estimator = AccuracyEstimator(supernet, data, **(estimator_kwargs or {}))
-    return HWNASProblem(SearchSpace(sn_cfg.macro), estimator.error, predictor.predict,
+    return HWNASProblem(SearchSpace(sn_cfg.macro, resolutions), estimator.error, predictor.predict,
                         max_latency_ms=cfg.max_latency_ms, max_params_m=cfg.max_params_m)
+
+
+def _first_valid(data: DataSplits, n: int) -> DataSplits:
+    """`data` with only the first n search-validation samples."""
+    from dataclasses import replace as dc_replace
+
+    from torch.utils.data import TensorDataset
+
+    x, y = data.valid.tensors
+    return dc_replace(data, valid=TensorDataset(x[:n], y[:n]))
 
 
 def run_search(problem: HWNASProblem, cfg: SearchConfig, out_dir: str | Path, resume: bool = False,

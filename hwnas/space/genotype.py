@@ -114,13 +114,30 @@ class Genotype:
 
 
 class SearchSpace:
-    """Integer encoding of genotypes for search: per node (op_a, in_a, op_b, in_b), normal cell first."""
+    """Integer encoding of genotypes for search: per node (op_a, in_a, op_b, in_b), normal cell first.
+
+    With more than one input resolution (the elastic macro) one more variable follows the cells: the
+    index into `resolutions` (ascending), which sets the genotype's macro.resolution.
+    """
 
     name = SPACE_NAME
-    n_var = 2 * STEPS * 4
+    cell_vars = 2 * STEPS * 4
 
-    def __init__(self, macro: MacroConfig = DEFAULT_MACRO) -> None:
+    def __init__(self, macro: MacroConfig = DEFAULT_MACRO, resolutions: Sequence[int] | None = None) -> None:
         self.macro = macro
+        self.resolutions = tuple(sorted(set(int(r) for r in resolutions))) if resolutions else (macro.resolution,)
+        if any(r < 1 for r in self.resolutions):
+            raise ValueError(f"resolutions must be positive, got {self.resolutions}")
+
+    @property
+    def elastic(self) -> bool:
+        """True when the search chooses the input resolution too."""
+        return len(self.resolutions) > 1
+
+    @property
+    def n_var(self) -> int:
+        """Length of an encoding."""
+        return self.cell_vars + int(self.elastic)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Inclusive lower and upper bounds of every variable."""
@@ -130,14 +147,21 @@ class SearchSpace:
             for node in range(STEPS):
                 base = cell * 4 * STEPS + 4 * node
                 xu[base : base + 4] = [len(GENOTYPE_OPS) - 1, node + 1, len(GENOTYPE_OPS) - 1, node + 1]
+        if self.elastic:
+            xu[self.cell_vars] = len(self.resolutions) - 1
         return xl, xu
 
     def encode(self, genotype: Genotype) -> np.ndarray:
-        """Genotype -> integer vector of length n_var."""
+        """Genotype -> integer vector of length n_var; ValueError if its resolution is not in the space."""
         x = []
         for cell in (genotype.normal, genotype.reduce):
             for op, inp in cell:
                 x += [GENOTYPE_OPS.index(op), inp]
+        res = genotype.macro.resolution
+        if res not in self.resolutions:
+            raise ValueError(f"genotype resolution {res} is not searched here; resolutions: {list(self.resolutions)}")
+        if self.elastic:
+            x.append(self.resolutions.index(res))
         return np.asarray(x, dtype=int)
 
     def decode(self, x: Sequence[int] | np.ndarray) -> Genotype:
@@ -156,7 +180,8 @@ class SearchSpace:
         for cell in range(2):
             part = x[cell * 4 * STEPS : (cell + 1) * 4 * STEPS].astype(int)
             cells.append([(GENOTYPE_OPS[part[2 * k]], int(part[2 * k + 1])) for k in range(PAIRS_PER_CELL)])
-        return Genotype(normal=tuple(cells[0]), reduce=tuple(cells[1]), macro=self.macro)
+        res = self.resolutions[int(x[self.cell_vars])] if self.elastic else self.resolutions[0]
+        return Genotype(normal=tuple(cells[0]), reduce=tuple(cells[1]), macro=self.macro.at_resolution(res))
 
     def repair(self, x: np.ndarray) -> np.ndarray:
         """Clip into bounds and give each node two distinct inputs (the second moves to the next free one)."""
@@ -170,10 +195,12 @@ class SearchSpace:
         return x
 
     def sample(self, rng: np.random.Generator) -> Genotype:
-        """A uniformly random valid genotype."""
+        """A uniformly random valid genotype (and resolution, when elastic)."""
         x = []
         for _ in range(2):
             for node in range(STEPS):
                 a, b = rng.choice(node + 2, size=2, replace=False)
                 x += [int(rng.integers(len(GENOTYPE_OPS))), int(a), int(rng.integers(len(GENOTYPE_OPS))), int(b)]
+        if self.elastic:  # drawn last, so a fixed-resolution space samples the cells it always did
+            x.append(int(rng.integers(len(self.resolutions))))
         return self.decode(x)

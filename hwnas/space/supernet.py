@@ -127,8 +127,11 @@ class Supernet(nn.Module):
         return Genotype(normal=cells[0], reduce=cells[1], macro=self.macro)
 
     def genotype_weights(self, genotype: Genotype) -> EdgeWeights:
-        """One-hot weights selecting `genotype`'s ops; unselected edges get all-zero rows."""
-        if genotype.macro != self.macro:
+        """One-hot weights selecting `genotype`'s ops; unselected edges get all-zero rows.
+
+        The supernet's layers do not depend on the input size, so a genotype at another resolution fits.
+        """
+        if not self.macro.same_but_resolution(genotype.macro):
             raise ValueError(f"genotype macro {genotype.macro} does not match the supernet's {self.macro}")
         out = []
         for pairs in (genotype.normal, genotype.reduce):

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwnas.data import DataSplits
+from hwnas.data import DataSplits, splits_at
 from hwnas.space.genotype import Genotype
 from hwnas.space.supernet import Supernet
 
@@ -22,12 +22,13 @@ class AccuracyEstimator:
     For each genotype the BatchNorm running statistics are re-estimated on `calib_batches` fixed training
     batches with only that sub-network active (one-hot edge weights; unselected ops are skipped), then the
     search-validation split is classified in eval mode. The supernet's own statistics are restored afterwards.
+    `data` is one DataSplits, or a resolution -> DataSplits mapping when genotypes differ in input resolution.
     """
 
     def __init__(
         self,
         supernet: Supernet,
-        data: DataSplits,
+        data: DataSplits | Mapping[int, DataSplits],
         calib_batches: int = 4,
         batch_size: int = 128,
         recalibrate_bn: bool = True,
@@ -37,24 +38,28 @@ class AccuracyEstimator:
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
         if calib_batches < 1 or batch_size < 1:
             raise ValueError("calib_batches and batch_size must be positive")
-        if (data.in_channels, data.num_classes, data.resolution) != (
-            supernet.macro.in_channels, supernet.macro.classes, supernet.macro.resolution,
-        ):
+        first = splits_at(data, next(iter(data))) if isinstance(data, Mapping) else data
+        if (first.in_channels, first.num_classes) != (supernet.macro.in_channels, supernet.macro.classes):
             raise ValueError(
-                f"dataset ({data.in_channels} channels, {data.num_classes} classes, {data.resolution}px) does not fit "
+                f"dataset ({first.in_channels} channels, {first.num_classes} classes) does not fit "
                 f"the supernet macro {supernet.macro}"
             )
+        if not isinstance(data, Mapping) and data.resolution != supernet.macro.resolution:
+            raise ValueError(f"dataset is at {data.resolution}px but the supernet macro at {supernet.macro.resolution}px; "
+                             "pass a resolution -> splits mapping to estimate other resolutions")
         self.supernet = supernet
         self.data = data
         self.calib_batches = calib_batches
         self.batch_size = batch_size
         self.recalibrate_bn = recalibrate_bn
         self.split = split
-        x_train = data.train.tensors[0]
-        # A fixed calibration subset keeps estimates deterministic and comparable across genotypes.
-        perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))
-        self._calib = x_train[perm[: calib_batches * batch_size]]
         self._cache: dict[str, tuple[float, float]] = {}
+
+    def _calibration_images(self, splits: DataSplits) -> torch.Tensor:
+        """A fixed training subset (the same samples at every resolution): deterministic, comparable estimates."""
+        x_train = splits.train.tensors[0]
+        perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(0))
+        return x_train[perm[: self.calib_batches * self.batch_size]]
 
     def error(self, genotypes: Sequence[Genotype]) -> np.ndarray:
         """Validation error in [0, 1] per genotype."""
@@ -75,13 +80,14 @@ class AccuracyEstimator:
         net = self.supernet
         device = next(net.parameters()).device
         weights = tuple(w.to(device) for w in net.genotype_weights(genotype))
+        splits = splits_at(self.data, genotype.macro.resolution)
         was_training = net.training
         saved = _bn_state(net) if self.recalibrate_bn else None
         try:
             if self.recalibrate_bn:
-                _recalibrate(net, weights, self._calib, self.batch_size, device)
+                _recalibrate(net, weights, self._calibration_images(splits), self.batch_size, device)
             net.eval()
-            x_eval, y_eval = getattr(self.data, self.split).tensors
+            x_eval, y_eval = getattr(splits, self.split).tensors
             wrong, loss_sum = 0, 0.0
             for start in range(0, len(x_eval), self.batch_size):
                 x = x_eval[start : start + self.batch_size].to(device)

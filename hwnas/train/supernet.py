@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hwnas.config import SupernetConfig
-from hwnas.data import DataSplits, load_dataset
+from hwnas.data import DataSplits, MultiResolutionData, load_dataset
 from hwnas.space.genotype import STEPS, Genotype
 from hwnas.space.ops import GENOTYPE_OPS, PRIMITIVES
 from hwnas.space.supernet import Supernet, edge_index
@@ -44,9 +44,14 @@ def resolve_config(cfg: SupernetConfig, data: DataSplits) -> SupernetConfig:
     return cfg
 
 
-def load_data(cfg: SupernetConfig) -> DataSplits:
-    """The dataset splits `cfg` trains and evaluates on."""
-    return load_dataset(cfg.data, cfg.macro.resolution, cfg.seed, cfg.valid_fraction, cfg.test_fraction)
+def load_data(cfg: SupernetConfig, resolution: int | None = None) -> DataSplits:
+    """The dataset splits `cfg` trains and evaluates on, at `resolution` (default: the macro's)."""
+    return load_dataset(cfg.data, resolution or cfg.macro.resolution, cfg.seed, cfg.valid_fraction, cfg.test_fraction)
+
+
+def load_elastic_data(cfg: SupernetConfig) -> MultiResolutionData:
+    """The same splits at every resolution the supernet of `cfg` is trained at, loaded on first use."""
+    return MultiResolutionData(cfg.data, cfg.all_resolutions, cfg.seed, cfg.valid_fraction, cfg.test_fraction)
 
 
 def param_free_count(genotype: Genotype, cell: str = "normal") -> int:
@@ -112,6 +117,9 @@ def train_supernet(
 
     x_train, y_train = data.train.tensors
     x_valid, y_valid = data.valid.tensors
+    resolutions = cfg.all_resolutions
+    # The same training images at each resolution (identical splits), so a step can switch resolution.
+    x_train_at = {r: load_data(cfg, r).train.tensors[0] for r in resolutions} if len(resolutions) > 1 else {}
     steps_per_epoch = -(-len(x_train) // cfg.batch_size)
     total_steps = total_epochs * steps_per_epoch
     space_rng_seed = cfg.seed * 1_000_003
@@ -147,6 +155,8 @@ def train_supernet(
                     fair_perms = np.stack([np_rng.permutation(len(GENOTYPE_OPS)) for _ in range(4 * STEPS)])
                 fair_ops = fair_perms[:, step % len(GENOTYPE_OPS)] if cfg.sampling == "fair" else None
                 weights = supernet.genotype_weights(sample_genotype(supernet, cfg.sampling, np_rng, fair_ops))
+                if x_train_at:  # drawn after the path, so fixed-resolution runs keep their random sequence
+                    x = x_train_at[resolutions[int(np_rng.integers(len(resolutions)))]][idx]
             w_opt.zero_grad(set_to_none=True)
             logits = supernet(x, weights)
             loss = F.cross_entropy(logits, y)
