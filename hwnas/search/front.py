@@ -185,18 +185,18 @@ class ParetoFront:
         return cls.from_dict(data, source=str(path))
 
     def save_csv(self, path: str | Path) -> Path:
-        """Write front.csv: one row per member, objectives plus the architecture as compact JSON."""
+        """Write front.csv: one row per member, objectives, input resolution and the cells as compact JSON."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(fd, "w", newline="") as fh:
                 writer = csv.writer(fh)
-                writer.writerow(["arch_id", *OBJECTIVES, "accuracy", "violation", "normal", "reduce"])
+                writer.writerow(["arch_id", *OBJECTIVES, "accuracy", "violation", "resolution", "normal", "reduce"])
                 for m in self.members:
                     d = m.genotype.to_dict()
                     writer.writerow([m.arch_id, f"{m.error:.6f}", f"{m.latency_ms:.6f}", f"{m.params_m:.6f}",
-                                     f"{1 - m.error:.6f}", f"{m.violation:.6g}",
+                                     f"{1 - m.error:.6f}", f"{m.violation:.6g}", m.genotype.macro.resolution,
                                      json.dumps(d["normal"], separators=(",", ":")),
                                      json.dumps(d["reduce"], separators=(",", ":"))])
             os.replace(tmp, path)
