@@ -235,8 +235,12 @@ def plot_fronts(front: ParetoFront, path: str | Path, baseline: ParetoFront | No
                    edgecolors="k", linewidths=0.5, label=f"{label}: {len(pts)} members, HV {f.hypervolume:.4f}")
         best = np.minimum.accumulate(err)  # the error-latency staircase of the 3-objective front
         ax.step(lat, best, where="post", color=color, alpha=0.5)
+        if len({m.genotype.macro.resolution for m in pts}) > 1:  # elastic resolution: say which point is which
+            for m, x, y in zip(pts, lat, err):
+                ax.annotate(f"{m.genotype.macro.resolution}px", (x, y), xytext=(3, 3), textcoords="offset points",
+                            fontsize=6, color=color)
     ax.set_xlabel("predicted latency (ms)")
-    ax.set_ylabel("validation error (%)")
+    ax.set_ylabel("estimated validation error (%, shared weights)")
     ax.set_title(title or f"Pareto front (marker area: {p_lo:.3f}-{p_hi:.3f} M parameters)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
