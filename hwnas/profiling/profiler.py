@@ -310,7 +310,7 @@ def measure_genotypes(
     return (ms, timer.sentinel_median(records, tcfg.drift_window)) if return_sentinel else ms
 
 
-def sentinel_scale(profile: DeviceProfile, sessions: int = 5) -> tuple[float, float]:
+def sentinel_scale(profile: DeviceProfile, sessions: int = 15) -> tuple[float, float]:
     """(now / at profiling, sentinel ms now): the profile's sentinel network timed in fresh sessions now.
 
     Multiplying predictions by the ratio follows changes of the device's speed since profiling (CPU
@@ -325,7 +325,10 @@ def sentinel_scale(profile: DeviceProfile, sessions: int = 5) -> tuple[float, fl
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"profile {profile.name!r}: device.timing is not a timing configuration ({err})") from None
     cand = network_candidate("sentinel", sentinel, batch=tcfg.batch)
-    # The profile's sentinel figure is a median of per-session medians: repeat that statistic.
-    now = float(np.median([np.median(timer.time_model(cand.model, cand.input_shape, tcfg)) for _ in range(sessions)]))
+    # Repeat the profile's statistic (the drift level: a moving minimum of session medians). A plain median
+    # is not robust here: on shared hosts whole runs of sessions of a tiny model come out ~1.9x slow.
+    records = [("sentinel", i, float("nan"), float(np.median(timer.time_model(cand.model, cand.input_shape, tcfg))))
+               for i in range(sessions)]
+    now = timer.sentinel_median(records, tcfg.drift_window)
     return now / float(ref), now
 
