@@ -68,6 +68,28 @@ def test_predictions_rescaled_by_the_sentinel_timed_now(front: ParetoFront, tmp_
     assert plain["summary"]["sentinel"] is None and plain["summary"]["latency_within_10pct_rescaled"] is None
 
 
+def test_rescaling_uses_the_sentinel_seen_while_measuring(front: ParetoFront, tmp_path, tiny_macro: MacroConfig,
+                                                         monkeypatch) -> None:
+    """The measurement already timed the sentinel before every candidate: no second, separate timing."""
+    from hwnas.profiling import profiler
+
+    def measure_genotypes(genotypes, threads, return_sentinel, **kw):
+        assert return_sentinel
+        return np.array([1.25, 2.5])[: len(genotypes)], 0.25
+
+    def separate_timing(p):
+        raise AssertionError("the sentinel was timed again")
+
+    monkeypatch.setattr(profiler, "measure_genotypes", measure_genotypes)
+    monkeypatch.setattr(profiler, "sentinel_scale", separate_timing)
+    sentinel = {"latency_ms": 0.2, "arch_id": profiler.sentinel_genotype(tiny_macro).arch_id}
+    profile = SimpleNamespace(device={"threads": 1}, validation={"noise_ceiling_within_10pct": 1.0},
+                              sentinel=sentinel, name="fake", macro=tiny_macro)
+    report = export_front(front, tmp_path, profile=profile)
+    assert report["summary"]["sentinel"][0]["scale"] == pytest.approx(1.25)
+    assert report["summary"]["latency_within_10pct_rescaled"] == 1.0
+
+
 def test_failing_member_is_reported_not_dropped(front: ParetoFront, tmp_path, tiny_macro: MacroConfig) -> None:
     def train(genotype, data, epochs, seed):
         if genotype.arch_id == front.members[1].arch_id:
