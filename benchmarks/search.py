@@ -121,6 +121,7 @@ def run_dir_figures(run_dir: Path) -> dict:
         "opsets": sorted({r["opset"] for r in rows if r["opset"] is not None}),
         "latency_within_10pct": s["latency_within_10pct"], "noise_ceiling_within_10pct": s["noise_ceiling_within_10pct"],
         "latency_within_10pct_rescaled": s.get("latency_within_10pct_rescaled"), "sentinel": s.get("sentinel"),
+        "noise_now_within_10pct": s.get("noise_now_within_10pct"),
         "latency_ratio_median": float(np.median([r["latency_ratio"] for r in rows if r["latency_ratio"]])) if rows else None,
         "trained_members": len(trained), "train_epochs": report["train_epochs"],
         "best_test_accuracy": best["test_accuracy"] if best else None,

@@ -380,13 +380,13 @@ def _measure(args: argparse.Namespace) -> int:
     genotypes = _load_archs(args.arch)
     update, bar = _tqdm_progress("measure")
     try:
-        ms, sentinel = measure_genotypes(genotypes, threads=args.threads, rounds=args.rounds, runs=args.runs,
-                                         progress=update, return_sentinel=True)
+        m = measure_genotypes(genotypes, threads=args.threads, rounds=args.rounds, runs=args.runs,
+                              progress=update, detailed=True)
     finally:
         bar.close()
     print(json.dumps({"threads": args.threads, "rounds": args.rounds, "runs": args.runs,
-                      "sentinel_ms": round(sentinel, 4),
-                      "latency_ms": {p: round(float(m), 4) for p, m in zip(args.arch, ms)}}, indent=2))
+                      "sentinel_ms": round(m.sentinel_ms, 4),
+                      "latency_ms": {p: round(float(v), 4) for p, v in zip(args.arch, m.ms)}}, indent=2))
     return 0
 
 

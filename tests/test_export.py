@@ -68,14 +68,15 @@ def test_predictions_rescaled_by_the_sentinel_timed_now(front: ParetoFront, tmp_
     assert plain["summary"]["sentinel"] is None and plain["summary"]["latency_within_10pct_rescaled"] is None
 
 
-def test_rescaling_uses_the_sentinel_seen_while_measuring(front: ParetoFront, tmp_path, tiny_macro: MacroConfig,
+def test_rescaling_and_noise_now_come_from_the_measurement(front: ParetoFront, tmp_path, tiny_macro: MacroConfig,
                                                          monkeypatch) -> None:
     """The measurement already timed the sentinel before every candidate: no second, separate timing."""
     from hwnas.profiling import profiler
 
-    def measure_genotypes(genotypes, threads, return_sentinel, **kw):
-        assert return_sentinel
-        return np.array([1.25, 2.5])[: len(genotypes)], 0.25
+    def measure_genotypes(genotypes, threads, detailed, **kw):
+        assert detailed
+        ms = np.array([1.25, 2.5])[: len(genotypes)]
+        return profiler.Measurement(ms, 0.25, ms, ms * np.array([1.0, 1.2])[: len(genotypes)])
 
     def separate_timing(p):
         raise AssertionError("the sentinel was timed again")
@@ -88,6 +89,8 @@ def test_rescaling_uses_the_sentinel_seen_while_measuring(front: ParetoFront, tm
     report = export_front(front, tmp_path, profile=profile)
     assert report["summary"]["sentinel"][0]["scale"] == pytest.approx(1.25)
     assert report["summary"]["latency_within_10pct_rescaled"] == 1.0
+    assert report["summary"]["noise_now_within_10pct"] == 0.5  # member 1's halves differ by 20 %
+    assert "even vs odd rounds agree for 50 %" in format_table(report)
 
 
 def test_failing_member_is_reported_not_dropped(front: ParetoFront, tmp_path, tiny_macro: MacroConfig) -> None:

@@ -82,8 +82,9 @@ def test_sample_sets_are_disjoint_and_exclude_the_sentinel(tiny_macro):
 
 def test_measure_genotypes_real_onnxruntime(tiny_macro, rng):
     gs = [SearchSpace(tiny_macro).sample(rng) for _ in range(2)]
-    ms, sentinel = profiler.measure_genotypes(gs, rounds=2, runs=3, warmup=1, return_sentinel=True)
-    assert ms.shape == (2,) and np.all(ms > 0) and sentinel > 0
+    m = profiler.measure_genotypes(gs, rounds=2, runs=3, warmup=1, detailed=True)
+    assert m.ms.shape == m.ms_a.shape == m.ms_b.shape == (2,) and np.all(m.ms > 0) and m.sentinel_ms > 0
+    assert np.all(m.ms <= np.minimum(m.ms_a, m.ms_b) + 1e-12)  # min over all rounds <= min over either half
     other = SearchSpace(MacroConfig(C=4, layers=3, resolution=6)).sample(rng)
     with pytest.raises(ValueError, match="one macro"):
         profiler.measure_genotypes([gs[0], other])

@@ -77,14 +77,3 @@ def test_node_times_names_the_exported_nodes():
     assert times and all(t >= 0 for t in times.values())
     # Conv + ReLU are fused into one node named after the graph output, plus a layout reorder.
     assert any(name.startswith("logits") for name in times)
-
-
-def test_combine_leaves_out_rounds_whose_sentinel_caught_a_burst():
-    # A burst slows the sentinel and the candidate after it for all of round 0 of "b"; the drift level (the
-    # moving minimum) does not see a burst this short, so only the disturbed sentinel can tell.
-    records = [("a", 0, 1.0, 1.0), ("b", 0, 3.4, 1.7), ("a", 1, 1.0, 1.0), ("b", 1, 2.0, 1.0),
-               ("a", 2, 1.0, 1.0), ("b", 2, 3.4, 1.7), ("c", 0, 5.0, 1.7)]
-    got = timer.combine(records, window=2, how="median")
-    assert got["b"] == pytest.approx(2.0)  # old rule: median of 3.4, 2.0, 3.4 = 3.4
-    assert got["a"] == pytest.approx(1.0)
-    assert got["c"] == pytest.approx(5.0)  # every round of c disturbed: keep them rather than drop c

@@ -36,15 +36,18 @@ def _default_measure(threads: int, profile: Any = None) -> MeasureFn:
     kwargs = {k: timing[k] for k in ("rounds", "runs", "warmup", "optimization_level") if k in timing}
 
     def measure(genotypes: list[Genotype]) -> np.ndarray:
-        out = np.empty(len(genotypes))
+        out, halves = np.empty(len(genotypes)), np.empty((2, len(genotypes)))
         for macro, rows in _rows_by_macro(genotypes).items():  # each macro has its own sentinel network
-            out[rows], measure.sentinel_ms[macro] = measure_genotypes(
-                [genotypes[i] for i in rows], threads=threads, return_sentinel=True, **kwargs)
+            m = measure_genotypes([genotypes[i] for i in rows], threads=threads, detailed=True, **kwargs)
+            out[rows], halves[0, rows], halves[1, rows] = m.ms, m.ms_a, m.ms_b
+            measure.sentinel_ms[macro] = m.sentinel_ms
+        measure.halves = halves
         return out
 
     # The sentinel level seen while measuring, per macro: the profile's own statistic over every round, so the
     # rescaling needs no separate (and, during a burst from another tenant, misleading) sentinel timing.
-    measure.sentinel_ms = {}
+    # The even- and odd-round halves are two independent measurements: their agreement is the noise now.
+    measure.sentinel_ms, measure.halves = {}, None
     return measure
 
 
@@ -188,14 +191,16 @@ def export_front(
             log.warning("latency measurement failed: %s", measure_error)
             for row in rows:
                 row["errors"].append(f"latency not measured ({measure_error})")
-    sentinel = None
+    sentinel, noise_now = None, None
     if measure and measure_error is None and rows:
         seen = {} if scale_fn is not None else getattr(fn, "sentinel_ms", {})
         sentinel = _sentinel_rescale(rows, [m.genotype for m in front.members], profiles, scale_fn, seen)
+        noise_now = _noise_now(getattr(fn, "halves", None))
     for row in rows:
         row["passed"] = not row["errors"]
 
     report = _report(rows, front, profiles, train_epochs, threads, tolerance, measure_error, sentinel)
+    report["summary"]["noise_now_within_10pct"] = noise_now
     atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
     return report
 
@@ -238,6 +243,15 @@ def _same_sentinel(profile: Any) -> bool:
 
     return bool(profile.sentinel.get("latency_ms")) and \
         profile.sentinel.get("arch_id") == sentinel_genotype(profile.macro).arch_id
+
+
+def _noise_now(halves: np.ndarray | None) -> float | None:
+    """Share of members whose two half measurements (even vs odd rounds) agree within the latency tolerance."""
+    if halves is None or not np.isfinite(halves).all():
+        return None
+    from hwnas.predictors.metrics import noise_ceiling
+
+    return noise_ceiling(halves[0], halves[1])["noise_ceiling_within_10pct"]
 
 
 def _within(rows: list[dict], key: str) -> float | None:
@@ -298,7 +312,9 @@ def format_table(report: dict[str, Any]) -> str:
         scales = ", ".join(f"{x['scale']:.3f} ({x['resolution']}px)" for x in s["sentinel"])
         line += (f", of predicted x {scales} (sentinel now / at profiling): "
                  f"{100 * s['latency_within_10pct_rescaled']:.0f} %")
-    lines.append(f"{line} (profile noise ceiling {ceiling})")
+    noise = s.get("noise_now_within_10pct")
+    noise = "" if noise is None else f"; this run's even vs odd rounds agree for {100 * noise:.0f} %"
+    lines.append(f"{line} (profile noise ceiling {ceiling}{noise})")
     return "\n".join(lines)
 
 

@@ -287,14 +287,25 @@ def cv_mape(cls: type, table: np.ndarray, fixed: float, x: np.ndarray, y: np.nda
     return float(np.mean(np.concatenate(errs)) * 100)
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """Measured latency (ms) per model, the sentinel level seen meanwhile, and the even/odd-round halves."""
+
+    ms: np.ndarray
+    sentinel_ms: float
+    ms_a: np.ndarray  # from the even rounds only: with ms_b, two independent measurements (the noise now)
+    ms_b: np.ndarray
+
+
 def measure_genotypes(
     genotypes: list[Genotype], threads: int = 1, rounds: int = 4, runs: int = 100, warmup: int = 10,
     optimization_level: str = "all", sentinel: bool = True, progress: Progress | None = None,
-    return_sentinel: bool = False, seed: int = 0,
-) -> np.ndarray | tuple[np.ndarray, float]:
-    """Measured latency (ms) of each genotype with the profiling methodology (sentinel-corrected medians)."""
+    detailed: bool = False, seed: int = 0,
+) -> np.ndarray | Measurement:
+    """Measured latency (ms) of each genotype with the profiling methodology; `detailed`: a Measurement."""
     if not genotypes:
-        return np.zeros(0)
+        empty = np.zeros(0)
+        return Measurement(empty, float("nan"), empty, empty) if detailed else empty
     macros = {g.macro for g in genotypes}
     if len(macros) != 1:
         raise ValueError(f"all architectures must share one macro config to be measured together, got {len(macros)}")
@@ -307,7 +318,13 @@ def measure_genotypes(
     lat, records = timer.measure_models(cands, tcfg, sent, seed=seed,
                                         progress=(lambda n: progress(n, total, "measure")) if progress else None)
     ms = np.array([lat[k] for k in keys])
-    return (ms, timer.sentinel_median(records, tcfg.drift_window)) if return_sentinel else ms
+    if not detailed:
+        return ms
+    ref = timer.sentinel_median(records, tcfg.drift_window)
+    halves = [timer.combine(records, None if np.isnan(ref) else ref, rounds=range(start, rounds, 2),
+                            how=tcfg.combine, window=tcfg.drift_window) for start in (0, 1)]
+    a, b = (np.array([h.get(k, np.nan) for k in keys]) for h in halves)
+    return Measurement(ms, ref, a, b)
 
 
 def sentinel_scale(profile: DeviceProfile, sessions: int = 15) -> tuple[float, float]:

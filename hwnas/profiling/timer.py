@@ -104,9 +104,6 @@ class Candidate:
     input_shape: tuple[int, ...]
 
 
-# A sentinel timing this far above the drift level marks its record as disturbed.
-DISTURBED = 1.2
-
 # One timing record: (key, round, candidate median ms, sentinel median ms or nan)
 Record = tuple[str, int, float, float]
 
@@ -158,7 +155,6 @@ def combine(
     """Per key: drift-corrected session medians combined over rounds (`min`: the least disturbed round).
 
     `records` must be in the order they were taken (the drift estimate is a moving window over time).
-    Rounds whose sentinel timing was disturbed are left out unless every round of that key was.
     Without sentinel timings (nan) the raw session medians are combined.
     """
     if how not in ("min", "median"):
@@ -167,17 +163,12 @@ def combine(
     corrected = not np.isnan(levels).any() and len(levels) > 0
     if corrected and sentinel_ref is None:
         sentinel_ref = float(np.median(levels))
-    clean: dict[str, list[float]] = {}
-    disturbed: dict[str, list[float]] = {}
-    for (key, rnd, t, s), level in zip(records, levels):
+    by_key: dict[str, list[float]] = {}
+    for (key, rnd, t, _), level in zip(records, levels):
         if rounds is None or rnd in rounds:
-            # A sentinel far above the drift level just before the candidate means a burst from another tenant
-            # (on shared hosts they last seconds and slow tiny models ~1.7x): use such a round only if all are.
-            bucket = disturbed if corrected and s > DISTURBED * level else clean
-            bucket.setdefault(key, []).append(t * sentinel_ref / level if corrected else t)
+            by_key.setdefault(key, []).append(t * sentinel_ref / level if corrected else t)
     reduce = np.min if how == "min" else np.median
-    keys = list(dict.fromkeys([*clean, *disturbed]))
-    return {k: float(reduce(clean.get(k) or disturbed[k])) for k in keys}
+    return {k: float(reduce(v)) for k, v in by_key.items()}
 
 
 def sentinel_median(records: Sequence[Record], window: int = 10) -> float:
