@@ -210,6 +210,8 @@ def _sentinel_rescale(rows: list[dict], genotypes: list[Genotype], profiles: dic
     """Each profile's sentinel now (`seen` while measuring, else timed); add the rescaled prediction to its rows."""
     if not profiles:
         return None
+    from hwnas.profiling.profiler import has_repeatable_sentinel
+
     if scale_fn is None:
         from hwnas.profiling.profiler import sentinel_scale as scale_fn
     out = []
@@ -219,7 +221,7 @@ def _sentinel_rescale(rows: list[dict], genotypes: list[Genotype], profiles: dic
             log.warning("predictions at resolution %d not rescaled: no profile for that macro", macro.resolution)
             continue
         try:
-            if np.isfinite(seen.get(macro, float("nan"))) and _same_sentinel(profile):
+            if np.isfinite(seen.get(macro, float("nan"))) and has_repeatable_sentinel(profile):
                 now = float(seen[macro])
                 scale = now / float(profile.sentinel["latency_ms"])
             else:
@@ -235,14 +237,6 @@ def _sentinel_rescale(rows: list[dict], genotypes: list[Genotype], profiles: dic
         out.append({"profile": profile.name, "resolution": macro.resolution, "scale": scale, "now_ms": now,
                     "profile_ms": float(profile.sentinel["latency_ms"])})
     return out or None
-
-
-def _same_sentinel(profile: Any) -> bool:
-    """Whether the measurement's sentinel network (this version's) is the one the profile timed."""
-    from hwnas.profiling.profiler import sentinel_genotype
-
-    return bool(profile.sentinel.get("latency_ms")) and \
-        profile.sentinel.get("arch_id") == sentinel_genotype(profile.macro).arch_id
 
 
 def _noise_now(halves: np.ndarray | None) -> float | None:

@@ -212,8 +212,7 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
     sent_ref = timer.sentinel_median(records, tcfg.drift_window)
     kw = {"how": tcfg.combine, "window": tcfg.drift_window}
     lat = timer.combine(records, sent_ref, **kw)
-    lat_a = timer.combine(records, sent_ref, rounds=range(0, cfg.rounds, 2), **kw)
-    lat_b = timer.combine(records, sent_ref, rounds=range(1, cfg.rounds, 2), **kw)
+    lat_a, lat_b = timer.split_halves(records, sent_ref, cfg.rounds, **kw)
     missing = [k for k in ["overhead", *(f"fixed:{n}" for n in fixed_names), *(f"block:{b.key}" for b in blocks)] if k not in lat]
     val_ok = [g for g in val if f"val:{g.arch_id}" in lat_a and f"val:{g.arch_id}" in lat_b]
     cal_ok = [g for g in cal if f"cal:{g.arch_id}" in lat]
@@ -321,10 +320,15 @@ def measure_genotypes(
     if not detailed:
         return ms
     ref = timer.sentinel_median(records, tcfg.drift_window)
-    halves = [timer.combine(records, None if np.isnan(ref) else ref, rounds=range(start, rounds, 2),
-                            how=tcfg.combine, window=tcfg.drift_window) for start in (0, 1)]
+    halves = timer.split_halves(records, None if np.isnan(ref) else ref, rounds, tcfg.combine, tcfg.drift_window)
     a, b = (np.array([h.get(k, np.nan) for k in keys]) for h in halves)
     return Measurement(ms, ref, a, b)
+
+
+def has_repeatable_sentinel(profile: DeviceProfile) -> bool:
+    """Whether the profile timed the sentinel network this version of hwnas times (so now / then is meaningful)."""
+    return bool(profile.sentinel.get("latency_ms")) and \
+        profile.sentinel.get("arch_id") == sentinel_genotype(profile.macro).arch_id
 
 
 def sentinel_scale(profile: DeviceProfile, sessions: int = 15) -> tuple[float, float]:
@@ -335,7 +339,7 @@ def sentinel_scale(profile: DeviceProfile, sessions: int = 15) -> tuple[float, f
     """
     ref = profile.sentinel.get("latency_ms")
     sentinel = sentinel_genotype(profile.macro)
-    if not ref or profile.sentinel.get("arch_id") != sentinel.arch_id:
+    if not has_repeatable_sentinel(profile):
         raise ValueError(f"profile {profile.name!r} has no sentinel measurement this version of hwnas can repeat")
     try:
         tcfg = timer.TimingConfig(**profile.device["timing"])

@@ -171,6 +171,14 @@ def combine(
     return {k: float(reduce(v)) for k, v in by_key.items()}
 
 
+def split_halves(
+    records: Sequence[Record], sentinel_ref: float | None, rounds: int, how: str = "min", window: int = 10,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """`combine` over the even rounds and over the odd rounds: two independent measurements of every key."""
+    return tuple(combine(records, sentinel_ref, rounds=range(start, rounds, 2), how=how, window=window)
+                 for start in (0, 1))
+
+
 def sentinel_median(records: Sequence[Record], window: int = 10) -> float:
     """The run's reference sentinel latency: median of its drift levels (nan without a sentinel)."""
     levels = sentinel_levels(records, window)
