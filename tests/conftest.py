@@ -45,8 +45,12 @@ def fake_device(monkeypatch):
         calls.append(model)
         return np.full(cfg.runs, float(model.decode()))
 
+    def fake_pair(first, second, cfg) -> tuple[np.ndarray, np.ndarray]:
+        return timer.time_model(first.model, first.input_shape, cfg), timer.time_model(second.model, second.input_shape, cfg)
+
     monkeypatch.setattr(profiler, "onnx_bytes", fake_bytes)
     monkeypatch.setattr(timer, "time_model", fake_time)
+    monkeypatch.setattr(timer, "time_pair", fake_pair)  # through time_model, so tests may patch that alone
     return calls
 
 

@@ -151,3 +151,18 @@ def test_cli_predict_routes_each_resolution_to_its_profile(saved, tmp_path, tiny
     assert [p["resolution"] for p in out["profiles"]] == [8, 4]
     assert main(["predict", "--profile", str(saved), str(archs[1])]) == 2
     assert "is not the macro of any --profile" in capsys.readouterr().err
+
+
+def test_shipped_profiles_load_and_use_the_current_timing():
+    from hwnas.profiling import PROFILES_DIR
+    from hwnas.profiling.timer import TimingConfig
+
+    paths = sorted(PROFILES_DIR.glob("*.json"))
+    assert paths, f"no profiles shipped in {PROFILES_DIR}"
+    for path in paths:
+        profile = DeviceProfile.load(path)
+        timing = TimingConfig(**profile.device["timing"])
+        # Export re-measures with interleaved, paired timing; a profile timed otherwise would be compared
+        # with a different methodology than the one that built it.
+        assert timing.paired and timing.combine == "median", f"{path.name} was timed with the earlier methodology"
+        assert 0 < profile.validation["mape"] < 10 and profile.validation["n"] >= 30, path.name

@@ -13,6 +13,8 @@ def test_timing_config_rejects_bad_values():
         timer.TimingConfig(runs=0)
     with pytest.raises(ValueError, match="warmup"):
         timer.TimingConfig(warmup=-1)
+    with pytest.raises(ValueError, match="interleave"):
+        timer.TimingConfig(interleave=-1)
 
 
 def test_session_options_are_explicit():
@@ -57,13 +59,56 @@ def test_run_round_interleaves_skips_done_and_reports(monkeypatch):
     cands = [timer.Candidate(k, k.encode() * 2, (1,)) for k in ("a", "bb", "ccc", "dddd")]
     sentinel = timer.Candidate("s", b"s", (1,))
     seen = []
-    recs = timer.run_round(cands, 3, timer.TimingConfig(), sentinel, done=lambda k, r: k == "bb", on_record=seen.append)
+    cfg = timer.TimingConfig(interleave=0)  # the sentinel timed before each candidate, in its own session
+    recs = timer.run_round(cands, 3, cfg, sentinel, done=lambda k, r: k == "bb", on_record=seen.append)
     assert sorted(r[0] for r in recs) == ["a", "ccc", "dddd"] and recs == seen
     assert calls[0::2] == [b"s"] * 3  # a sentinel timing before every candidate
     assert all(r[1] == 3 and r[2] == 2 * len(r[0]) and r[3] == 1.0 for r in recs)
     # The order is shuffled per round, reproducibly.
-    again = timer.run_round(cands, 3, timer.TimingConfig(), sentinel, done=lambda k, r: k == "bb")
+    again = timer.run_round(cands, 3, cfg, sentinel, done=lambda k, r: k == "bb")
     assert [r[0] for r in again] == [r[0] for r in recs]
+
+
+def test_time_pair_alternates_blocks_of_runs_in_live_sessions(monkeypatch):
+    order = []
+
+    def ready(model, shape, cfg):
+        order.append(("open", model))
+        return lambda: order.append(model)
+
+    monkeypatch.setattr(timer, "_ready_session", ready)
+    a, b = timer.Candidate("s", b"s", (1,)), timer.Candidate("c", b"c", (1,))
+    ts, tc = timer.time_pair(a, b, timer.TimingConfig(runs=7, interleave=3))
+    assert ts.shape == tc.shape == (7,)
+    # Both sessions are open before timing starts; then blocks of 3, 3, 1 runs alternate.
+    assert order == [("open", b"s"), ("open", b"c")] + [b"s"] * 3 + [b"c"] * 3 + [b"s"] * 3 + [b"c"] * 3 + [b"s", b"c"]
+
+
+def test_time_pair_runs_real_sessions():
+    model = onnx_bytes(nn.Conv2d(2, 2, 3, padding=1), (1, 2, 4, 4))
+    cand = timer.Candidate("m", model, (1, 2, 4, 4))
+    ts, tc = timer.time_pair(cand, cand, timer.TimingConfig(runs=6, warmup=1, interleave=2))
+    assert ts.shape == tc.shape == (6,) and np.all(ts > 0) and np.all(tc > 0)
+
+
+def test_paired_combine_cancels_a_burst_shorter_than_the_window():
+    # Record 2 of "b" ran in a 1.8x burst that slowed its interleaved sentinel alike. The moving-minimum level
+    # (window 2) does not see a burst this short; the paired correction, by the record's own sentinel, does.
+    records = [("a", 0, 1.0, 1.0), ("b", 0, 3.6, 1.8), ("c", 0, 1.5, 1.0), ("a", 1, 1.0, 1.0)]
+    assert timer.combine(records, window=2)["b"] == pytest.approx(3.6)
+    paired = timer.combine(records, window=2, paired=True)
+    assert paired == {"a": pytest.approx(1.0), "b": pytest.approx(2.0), "c": pytest.approx(1.5)}
+    a, b = timer.split_halves(records, 1.0, rounds=2, window=2, paired=True)
+    assert a["b"] == pytest.approx(2.0) and b == {"a": pytest.approx(1.0)}
+
+
+def test_run_round_pairs_sentinel_and_candidate_when_interleaving(monkeypatch):
+    seen = []
+    monkeypatch.setattr(timer, "time_pair", lambda s, c, cfg: seen.append((s.key, c.key)) or (np.array([1.0]), np.array([2.0])))
+    monkeypatch.setattr(timer, "time_model", lambda *a: pytest.fail("interleaved rounds must not time models alone"))
+    cands = [timer.Candidate(k, b"m", (1,)) for k in ("a", "b")]
+    recs = timer.run_round(cands, 0, timer.TimingConfig(interleave=10), timer.Candidate("s", b"s", (1,)))
+    assert sorted(seen) == [("s", "a"), ("s", "b")] and all(r[2:] == (2.0, 1.0) for r in recs)
 
 
 def test_measure_models_needs_a_sentinel_when_configured():

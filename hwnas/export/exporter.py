@@ -29,7 +29,11 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def _default_measure(threads: int, profile: Any = None) -> MeasureFn:
-    """Latency (ms) with the profiling methodology of hwnas.profiling.profiler, timed as the profile was."""
+    """Latency (ms) with the profiling methodology of hwnas.profiling.profiler and the profile's runs and rounds.
+
+    Always the interleaved, paired timing, also for profiles written before it existed: under bursts of
+    interference it agrees with their predictions where the earlier timing did not (benchmarks/latency_noise.py).
+    """
     from hwnas.profiling.profiler import measure_genotypes
 
     timing = dict((profile.device.get("timing") or {}) if profile is not None else {})

@@ -22,7 +22,7 @@ from hwnas.space.network import Network
 
 log = logging.getLogger(__name__)
 
-SIDECAR_SCHEMA_VERSION = 1
+SIDECAR_SCHEMA_VERSION = 2  # 2: records of interleaved, paired timing (1: sentinel timed before the candidate)
 SENTINEL_SEED = 20_240_917  # fixed: every profile and measurement of a macro times the same sentinel
 Progress = Callable[[int, int, str], None]  # (advance, total, stage)
 
@@ -210,7 +210,7 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
     cfg, blocks, fixed_names = plan.cfg, plan.blocks, list(plan.fixed)
     cal, val, sentinel_g, tcfg = plan.calibration, plan.validation, plan.sentinel, timing_config(plan.cfg)
     sent_ref = timer.sentinel_median(records, tcfg.drift_window)
-    kw = {"how": tcfg.combine, "window": tcfg.drift_window}
+    kw = {"how": tcfg.combine, "window": tcfg.drift_window, "paired": tcfg.paired}
     lat = timer.combine(records, sent_ref, **kw)
     lat_a, lat_b = timer.split_halves(records, sent_ref, cfg.rounds, **kw)
     missing = [k for k in ["overhead", *(f"fixed:{n}" for n in fixed_names), *(f"block:{b.key}" for b in blocks)] if k not in lat]
@@ -247,8 +247,9 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
         if cfg.optimization_level != "disable" else "ORT_DISABLE_ALL",
         "execution_mode": "ORT_SEQUENTIAL", "allow_spinning": False, "timing": tcfg.to_dict(),
         "methodology": "fresh session per candidate per round, input bound once (io_binding), first run discarded, "
-                       "warm-up, median of timed runs; rounds interleaved in shuffled order; drift corrected by a "
-                       "sentinel timed before each candidate (moving-minimum level); min over rounds",
+                       "warm-up, median of timed runs; rounds interleaved in shuffled order; candidate and sentinel "
+                       "sessions open together, runs alternating in blocks of timing.interleave; candidate scaled by "
+                       "its own sentinel to the run's undisturbed sentinel level (moving minimum); median over rounds",
     }
     return DeviceProfile(
         name=cfg.device, device=device, macro=cfg.macro, validation=validation,
@@ -299,7 +300,7 @@ class Measurement:
 def measure_genotypes(
     genotypes: list[Genotype], threads: int = 1, rounds: int = 4, runs: int = 100, warmup: int = 10,
     optimization_level: str = "all", sentinel: bool = True, progress: Progress | None = None,
-    detailed: bool = False, seed: int = 0,
+    detailed: bool = False, seed: int = 0, interleave: int = timer.TimingConfig.interleave,
 ) -> np.ndarray | Measurement:
     """Measured latency (ms) of each genotype with the profiling methodology; `detailed`: a Measurement."""
     if not genotypes:
@@ -309,7 +310,8 @@ def measure_genotypes(
     if len(macros) != 1:
         raise ValueError(f"all architectures must share one macro config to be measured together, got {len(macros)}")
     tcfg = timer.TimingConfig(threads=threads, optimization_level=optimization_level, warmup=warmup, runs=runs,
-                              rounds=rounds, sentinel=sentinel)
+                              rounds=rounds, sentinel=sentinel, interleave=interleave,
+                              combine="median" if sentinel and interleave > 0 else "min")
     keys = [f"{i}:{g.arch_id}" for i, g in enumerate(genotypes)]
     cands = [network_candidate(k, g) for k, g in zip(keys, genotypes)]
     sent = network_candidate("sentinel", sentinel_genotype(genotypes[0].macro)) if sentinel else None
@@ -320,7 +322,8 @@ def measure_genotypes(
     if not detailed:
         return ms
     ref = timer.sentinel_median(records, tcfg.drift_window)
-    halves = timer.split_halves(records, None if np.isnan(ref) else ref, rounds, tcfg.combine, tcfg.drift_window)
+    halves = timer.split_halves(records, None if np.isnan(ref) else ref, rounds, tcfg.combine, tcfg.drift_window,
+                                tcfg.paired)
     a, b = (np.array([h.get(k, np.nan) for k in keys]) for h in halves)
     return Measurement(ms, ref, a, b)
 

@@ -1,11 +1,16 @@
 """The latency methodology shared by `profile`, `measure` and `export`: onnxruntime, interleaved, drift-corrected.
 
-One *round* times every candidate once, in a fresh session each, in a shuffled order; before each
-candidate a fixed sentinel model is timed in the same way. A session's latency is the median of its runs.
-It is scaled by (reference level / the sentinel's level at that moment), a moving minimum that follows slow
-drift; a candidate's latency is the minimum over rounds, because other tenants only ever add time and the
-least disturbed round is the one closest to the device's own speed (measured better than the median of
-rounds here on a shared, loaded 2-core machine).
+One *round* times every candidate once, in a fresh session each, in a shuffled order, together with a
+fixed sentinel model: both sessions are open at once and their runs alternate in blocks of
+`interleave` runs. A session's latency is the median of its runs. The candidate is scaled by
+(reference level / its own sentinel's median): the sentinel ran in the same moments, so a burst of
+interference (on shared hosts, a busy SMT sibling slows tiny models ~1.7-2x for 0.1 s to minutes) slows
+both alike and cancels. The reference level is the median over the run of a moving minimum of the sentinel
+timings, i.e. the device's undisturbed speed during the run. A candidate's latency is the median over rounds
+of these ratios (the noise of a ratio is symmetric, so the minimum would be biased low).
+
+`interleave=0` is the earlier methodology (profiles written before it): the sentinel timed before the
+candidate, the candidate scaled by the moving-minimum level, the minimum over rounds.
 """
 from __future__ import annotations
 
@@ -32,8 +37,12 @@ class TimingConfig:
     runs: int = 100  # timed runs per session; their median is the session's latency
     rounds: int = 4  # fresh sessions per candidate, interleaved across candidates
     sentinel: bool = True  # time a fixed sentinel model before each candidate to correct drift
-    combine: str = "min"  # over rounds: "min" (least disturbed round) or "median"
+    combine: str = "median"  # over rounds: "median" (of paired ratios) or "min" (least disturbed round, interleave=0)
     drift_window: int = 10  # sentinel timings either side in the moving-minimum drift level
+    # > 0: sentinel and candidate alternate in blocks of this many runs inside their live sessions, and each
+    # candidate is corrected by its own sentinel; 0: the sentinel is timed before the candidate (profiles
+    # written before this field existed) and the correction is the moving-minimum level.
+    interleave: int = 10
 
     def __post_init__(self) -> None:
         if self.optimization_level not in OPT_LEVELS:
@@ -41,10 +50,16 @@ class TimingConfig:
         for name in ("threads", "batch", "runs", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.drift_window < 0:
-            raise ValueError(f"warmup and drift_window must be >= 0, got {self.warmup}, {self.drift_window}")
+        if self.warmup < 0 or self.drift_window < 0 or self.interleave < 0:
+            raise ValueError(f"warmup, drift_window and interleave must be >= 0, got "
+                             f"{self.warmup}, {self.drift_window}, {self.interleave}")
         if self.combine not in ("min", "median"):
             raise ValueError(f"combine must be 'min' or 'median', got {self.combine!r}")
+
+    @property
+    def paired(self) -> bool:
+        """Whether records of this config are corrected by their own, interleaved sentinel timing."""
+        return self.sentinel and self.interleave > 0
 
     def to_dict(self) -> dict:
         """Plain dict for the profile's device block."""
@@ -72,8 +87,8 @@ def session_options(cfg: TimingConfig):  # -> ort.SessionOptions
     return so
 
 
-def time_model(model: bytes, input_shape: Sequence[int], cfg: TimingConfig) -> np.ndarray:
-    """Run times (ms) of `model` in one fresh session: input bound once, first run discarded, warm-up."""
+def _ready_session(model: bytes, input_shape: Sequence[int], cfg: TimingConfig) -> Callable[[], None]:
+    """A fresh session with its input bound once, the first run and the warm-up done: one call = one run."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model, sess_options=session_options(cfg), providers=["CPUExecutionProvider"])
@@ -82,17 +97,46 @@ def time_model(model: bytes, input_shape: Sequence[int], cfg: TimingConfig) -> n
     binding.bind_cpu_input(session.get_inputs()[0].name, x)
     for out in session.get_outputs():
         binding.bind_output(out.name, "cpu")
-    run = session.run_with_iobinding
-    run(binding)  # first run: allocations, kernel selection — never representative
+
+    def run() -> None:
+        session.run_with_iobinding(binding)
+
+    run()  # first run: allocations, kernel selection — never representative
     for _ in range(cfg.warmup):
-        run(binding)
-    times = np.empty(cfg.runs)
+        run()
+    return run
+
+
+def _timed(run: Callable[[], None], n: int) -> np.ndarray:
+    """Wall time (ms) of each of `n` calls."""
+    times = np.empty(n)
     clock = time.perf_counter_ns
-    for i in range(cfg.runs):
+    for i in range(n):
         t0 = clock()
-        run(binding)
+        run()
         times[i] = clock() - t0
     return times * 1e-6
+
+
+def time_model(model: bytes, input_shape: Sequence[int], cfg: TimingConfig) -> np.ndarray:
+    """Run times (ms) of `model` in one fresh session: input bound once, first run discarded, warm-up."""
+    return _timed(_ready_session(model, input_shape, cfg), cfg.runs)
+
+
+def time_pair(first: "Candidate", second: "Candidate", cfg: TimingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Run times (ms) of two models, each in a fresh session, timed in alternating blocks of `cfg.interleave` runs.
+
+    Both models see the same moments of the device: a burst of interference (a busy SMT sibling, a
+    frequency dip) slows both alike, so their ratio is unaffected even when the burst is shorter than a round.
+    """
+    block = max(cfg.interleave, 1)
+    runs = [_ready_session(c.model, c.input_shape, cfg) for c in (first, second)]
+    times: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    for start in range(0, cfg.runs, block):
+        n = min(block, cfg.runs - start)
+        for run, out in zip(runs, times):
+            out.append(_timed(run, n))
+    return np.concatenate(times[0]), np.concatenate(times[1])
 
 
 @dataclass
@@ -118,7 +162,7 @@ def run_round(
     on_record: Callable[[Record], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[Record]:
-    """Time every candidate once in a shuffled order, each after a sentinel timing; skip `done` ones."""
+    """Time every candidate once in a shuffled order, each with a sentinel timing (`cfg.interleave`); skip `done` ones."""
     order = np.random.default_rng([seed, round_index]).permutation(len(candidates))
     records: list[Record] = []
     for i in order:
@@ -127,8 +171,12 @@ def run_round(
             continue
         if should_stop is not None and should_stop():
             break
-        s = float(np.median(time_model(sentinel.model, sentinel.input_shape, cfg))) if sentinel else float("nan")
-        t = float(np.median(time_model(cand.model, cand.input_shape, cfg)))
+        if sentinel is not None and cfg.interleave > 0:
+            s_times, t_times = time_pair(sentinel, cand, cfg)
+            s, t = float(np.median(s_times)), float(np.median(t_times))
+        else:
+            s = float(np.median(time_model(sentinel.model, sentinel.input_shape, cfg))) if sentinel else float("nan")
+            t = float(np.median(time_model(cand.model, cand.input_shape, cfg)))
         rec = (cand.key, round_index, t, s)
         records.append(rec)
         if on_record is not None:
@@ -150,12 +198,13 @@ def sentinel_levels(records: Sequence[Record], window: int = 10) -> np.ndarray:
 
 def combine(
     records: Sequence[Record], sentinel_ref: float | None = None, rounds: Sequence[int] | None = None,
-    how: str = "min", window: int = 10,
+    how: str = "min", window: int = 10, paired: bool = False,
 ) -> dict[str, float]:
     """Per key: drift-corrected session medians combined over rounds (`min`: the least disturbed round).
 
     `records` must be in the order they were taken (the drift estimate is a moving window over time).
-    Without sentinel timings (nan) the raw session medians are combined.
+    `paired` (records of interleaved timing): each candidate is scaled by its own sentinel, timed in the same
+    moments, instead of by the moving-minimum level. Without sentinel timings (nan) the raw medians are combined.
     """
     if how not in ("min", "median"):
         raise ValueError(f"how must be 'min' or 'median', got {how!r}")
@@ -163,6 +212,8 @@ def combine(
     corrected = not np.isnan(levels).any() and len(levels) > 0
     if corrected and sentinel_ref is None:
         sentinel_ref = float(np.median(levels))
+    if corrected and paired:
+        levels = np.array([r[3] for r in records], dtype=float)
     by_key: dict[str, list[float]] = {}
     for (key, rnd, t, _), level in zip(records, levels):
         if rounds is None or rnd in rounds:
@@ -173,9 +224,10 @@ def combine(
 
 def split_halves(
     records: Sequence[Record], sentinel_ref: float | None, rounds: int, how: str = "min", window: int = 10,
+    paired: bool = False,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """`combine` over the even rounds and over the odd rounds: two independent measurements of every key."""
-    return tuple(combine(records, sentinel_ref, rounds=range(start, rounds, 2), how=how, window=window)
+    return tuple(combine(records, sentinel_ref, rounds=range(start, rounds, 2), how=how, window=window, paired=paired)
                  for start in (0, 1))
 
 
@@ -201,7 +253,7 @@ def measure_models(
             candidates, r, cfg, sentinel if cfg.sentinel else None, seed=seed,
             on_record=(lambda rec: progress(1)) if progress else None,
         )
-    return combine(records, how=cfg.combine, window=cfg.drift_window), records
+    return combine(records, how=cfg.combine, window=cfg.drift_window, paired=cfg.paired), records
 
 
 def node_times(model: bytes, input_shape: Sequence[int], cfg: TimingConfig, runs: int = 30) -> dict[str, float]:
