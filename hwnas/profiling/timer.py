@@ -4,10 +4,11 @@ One *round* times every candidate once, in a fresh session each, in a shuffled o
 fixed sentinel model: both sessions are open at once and their runs alternate in blocks of
 `interleave` runs. A session's latency is the median of its runs. The candidate is scaled by
 (reference level / its own sentinel's median): the sentinel ran in the same moments, so a burst of
-interference (on shared hosts, a busy SMT sibling slows tiny models ~1.7-2x for 0.1 s to minutes) slows
-both alike and cancels. The reference level is the median over the run of a moving minimum of the sentinel
-timings, i.e. the device's undisturbed speed during the run. A candidate's latency is the median over rounds
-of these ratios (the noise of a ratio is symmetric, so the minimum would be biased low).
+interference slows both alike and cancels (on this project's 2-vCPU host, a training job on the other
+vCPU slows tiny models 1.6-2x, in phases from 0.1 s to minutes). The reference level is the median over
+the run of a moving minimum of the sentinel timings, i.e. the device's undisturbed speed during the run.
+A candidate's latency is the median over rounds of these ratios (the noise of a ratio is symmetric, so the
+minimum would be biased low).
 
 `interleave=0` is the earlier methodology (profiles written before it): the sentinel timed before the
 candidate, the candidate scaled by the moving-minimum level, the minimum over rounds.
@@ -126,7 +127,7 @@ def time_model(model: bytes, input_shape: Sequence[int], cfg: TimingConfig) -> n
 def time_pair(first: "Candidate", second: "Candidate", cfg: TimingConfig) -> tuple[np.ndarray, np.ndarray]:
     """Run times (ms) of two models, each in a fresh session, timed in alternating blocks of `cfg.interleave` runs.
 
-    Both models see the same moments of the device: a burst of interference (a busy SMT sibling, a
+    Both models see the same moments of the device: a burst of interference (a job on a sibling core, a
     frequency dip) slows both alike, so their ratio is unaffected even when the burst is shorter than a round.
     """
     block = max(cfg.interleave, 1)
