@@ -73,18 +73,19 @@ def held_out(profile: DeviceProfile, n: int, seed: int) -> list:
 
 def figures(records: list, cfg: timer.TimingConfig, keys: list[str], predicted: np.ndarray, sentinel_ref: float) -> dict:
     """Agreement with the rescaled prediction, and between the even and odd rounds, of one method's records."""
-    kw = {"how": cfg.combine, "window": cfg.drift_window, "paired": cfg.paired}
+    kw = cfg.reduction()
     lat = timer.combine(records, sentinel_ref, **kw)
     half_a, half_b = timer.split_halves(records, sentinel_ref, cfg.rounds, **kw)
     ratio = np.array([lat[k] for k in keys]) / predicted
     halves = np.array([half_a[k] / half_b[k] for k in keys])
+    sentinel = np.array([r[3] for r in records])
     return {
         "within_10pct_of_prediction": float(np.mean(np.abs(ratio - 1) <= 0.10)),
         "median_ratio": float(np.median(ratio)),
         "worst_ratio": float(ratio[np.argmax(np.abs(ratio - 1))]),
         "halves_agree_within_10pct": float(np.mean(np.abs(halves - 1) <= 0.10)),
         # how disturbed the device was: share of sentinel timings 20 % above the run's fastest
-        "slow_sentinel_share": float(np.mean([r[3] > 1.2 * min(x[3] for x in records) for r in records])),
+        "slow_sentinel_share": float(np.mean(sentinel > 1.2 * sentinel.min())),
     }
 
 

@@ -140,8 +140,7 @@ def main() -> None:
     pass_a, pass_b = range(args.rounds), range(args.rounds, 2 * args.rounds)
     rec_a = [x for x in records if x[1] in pass_a]
     rec_b = [x for x in records if x[1] in pass_b]
-    reduce = {"how": tcfg.combine, "paired": tcfg.paired}
-    lat_a, lat_b = timer.combine(rec_a, **reduce), timer.combine(rec_b, **reduce)
+    lat_a, lat_b = timer.combine(rec_a, **tcfg.reduction()), timer.combine(rec_b, **tcfg.reduction())
     meas_a, meas_b = np.array([lat_a[k] for k in keys]), np.array([lat_b[k] for k in keys])
     sent_a, sent_b = timer.sentinel_median(rec_a), timer.sentinel_median(rec_b)
     meas = (meas_a + meas_b) / 2

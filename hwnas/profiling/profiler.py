@@ -210,7 +210,7 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
     cfg, blocks, fixed_names = plan.cfg, plan.blocks, list(plan.fixed)
     cal, val, sentinel_g, tcfg = plan.calibration, plan.validation, plan.sentinel, timing_config(plan.cfg)
     sent_ref = timer.sentinel_median(records, tcfg.drift_window)
-    kw = {"how": tcfg.combine, "window": tcfg.drift_window, "paired": tcfg.paired}
+    kw = tcfg.reduction()
     lat = timer.combine(records, sent_ref, **kw)
     lat_a, lat_b = timer.split_halves(records, sent_ref, cfg.rounds, **kw)
     missing = [k for k in ["overhead", *(f"fixed:{n}" for n in fixed_names), *(f"block:{b.key}" for b in blocks)] if k not in lat]
@@ -322,8 +322,7 @@ def measure_genotypes(
     if not detailed:
         return ms
     ref = timer.sentinel_median(records, tcfg.drift_window)
-    halves = timer.split_halves(records, None if np.isnan(ref) else ref, rounds, tcfg.combine, tcfg.drift_window,
-                                tcfg.paired)
+    halves = timer.split_halves(records, None if np.isnan(ref) else ref, rounds, **tcfg.reduction())
     a, b = (np.array([h.get(k, np.nan) for k in keys]) for h in halves)
     return Measurement(ms, ref, a, b)
 

@@ -62,6 +62,10 @@ class TimingConfig:
         """Whether records of this config are corrected by their own, interleaved sentinel timing."""
         return self.sentinel and self.interleave > 0
 
+    def reduction(self) -> dict:
+        """How records of this config are combined: the keyword arguments of `combine` and `split_halves`."""
+        return {"how": self.combine, "window": self.drift_window, "paired": self.paired}
+
     def to_dict(self) -> dict:
         """Plain dict for the profile's device block."""
         return asdict(self)
@@ -254,7 +258,7 @@ def measure_models(
             candidates, r, cfg, sentinel if cfg.sentinel else None, seed=seed,
             on_record=(lambda rec: progress(1)) if progress else None,
         )
-    return combine(records, how=cfg.combine, window=cfg.drift_window, paired=cfg.paired), records
+    return combine(records, **cfg.reduction()), records
 
 
 def node_times(model: bytes, input_shape: Sequence[int], cfg: TimingConfig, runs: int = 30) -> dict[str, float]:
