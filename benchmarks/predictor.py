@@ -5,7 +5,11 @@ profiling methodology), and reports: predictor agreement with a measurement next
 this run, Spearman of predictor / FLOPs / parameter count against measured latency, whether scaling the
 prediction by the sentinel measured now helps, and predictions per second.
 
-    python benchmarks/predictor.py [--profile P] [--n 40] [--rounds 3] [--runs 100]
+    python benchmarks/predictor.py [--profile P] [--n 40] [--rounds 3] [--runs 100] [--depth]
+
+`--depth` draws the held-out architectures from the elastic-depth space (every depth equally likely) and adds
+the figures per depth: the profile measured full-depth networks only, so this checks what it predicts for
+networks that drop cells.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from hwnas.predictors import PREDICTORS, create_predictor, encode_all, profile_tables
+from hwnas.predictors import PREDICTORS, ByMacroPredictor, create_predictor, encode_all, profile_tables
 from hwnas.predictors.metrics import agreement, noise_ceiling
 from hwnas.profiling import default_profile_path
 from hwnas.profiling.device_profile import DeviceProfile
@@ -108,6 +112,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--node-profiling", action="store_true",
                     help="also compare in-situ block times from ORT per-node profiling with isolated blocks")
+    ap.add_argument("--depth", action="store_true", help="held-out networks of every elastic depth, figures per depth")
     ap.add_argument("--threads", type=int, default=None,
                     help="override the profile's thread count (to compare noise ceilings; predictions then do not apply)")
     args = ap.parse_args()
@@ -118,7 +123,7 @@ def main() -> None:
         raise SystemExit("no profile for this device; pass --profile or run `hwnas profile`")
     profile = DeviceProfile.load(path)
     seen = {e["arch_id"] for e in profile.calibration + profile.validation_set} | {profile.sentinel.get("arch_id")}
-    space, rng = SearchSpace(profile.macro), np.random.default_rng(args.seed)
+    space, rng = SearchSpace(profile.macro, depth=args.depth), np.random.default_rng(args.seed)
     genotypes: list = []
     while len(genotypes) < args.n:
         g = space.sample(rng)
@@ -167,16 +172,24 @@ def main() -> None:
     for name in PREDICTORS:
         if name not in profile.predictors:
             continue
-        p = create_predictor(profile, name).predict(genotypes)
+        p = ByMacroPredictor.from_profiles([profile], name).predict(genotypes)
         raw = {k: (agreement(p, meas_a)[k] + agreement(p, meas_b)[k]) / 2 for k in ("mape", "within_5pct", "within_10pct", "spearman", "kendall")}
         scaled_a, scaled_b = p * sent_a / sent_profile, p * sent_b / sent_profile
         scaled = {k: (agreement(scaled_a, meas_a)[k] + agreement(scaled_b, meas_b)[k]) / 2 for k in ("mape", "within_5pct", "within_10pct")}
         predictors[name] = {"vs_one_measurement": raw, "sentinel_scaled": scaled}
 
+    by_depth = {}
+    if args.depth:
+        p = ByMacroPredictor.from_profiles([profile]).predict(genotypes)
+        for depth in sorted({g.stage_depth for g in genotypes}):
+            rows = [i for i, g in enumerate(genotypes) if g.stage_depth == depth]
+            figs = [agreement(p[rows], m[rows]) for m in (meas_a, meas_b)]
+            by_depth[str(list(depth))] = {"n": len(rows), "median_measured_ms": float(np.median(meas[rows])),
+                                          **{k: (figs[0][k] + figs[1][k]) / 2 for k in ("mape", "within_10pct")}}
     fl = np.array([flops(g) for g in genotypes])
     params = np.array([count_params(Network(g)) for g in genotypes], dtype=float)
     default = create_predictor(profile)
-    many = [space.sample(rng) for _ in range(10_000)]
+    many = [SearchSpace(profile.macro).sample(rng) for _ in range(10_000)]  # full depth: one table
     out = {
         "profile": str(path),
         "device": {k: profile.device.get(k) for k in ("cpu_model", "cores", "threads", "graph_optimization_level")},
@@ -190,13 +203,14 @@ def main() -> None:
         "default_predictor": profile.default_predictor,
         "predictors": predictors,
         "spearman_vs_measured": {
-            "predictor": float(spearmanr(default.predict(genotypes), meas).statistic),
+            "predictor": float(spearmanr(ByMacroPredictor.from_profiles([profile]).predict(genotypes), meas).statistic),
             "flops": float(spearmanr(fl, meas).statistic),
             "params": float(spearmanr(params, meas).statistic),
         },
         "sentinel_ms": {"profile": sent_profile, "pass_a": sent_a, "pass_b": sent_b},
         "throughput": throughput(default, many, encode_all(many)),
         "node_profiling": node_profiling_comparison(profile) if args.node_profiling else None,
+        "default_predictor_by_depth": by_depth or None,
         "note": "vs_one_measurement: mean of the figures against pass A and pass B; noise ceiling: pass A vs pass B",
     }
     print(json.dumps(out, indent=2))

@@ -221,6 +221,7 @@ def _add_train_supernet(sub: argparse._SubParsersAction) -> None:
         "sample_epochs": "single-path fine-tuning epochs after the bilevel ones",
         "sampling": "uniform | alpha",
         "guard": "collapse guard: none | skip_dropout | early_stop",
+        "elastic_depth": "single-path steps also drop trailing normal cells per stage, so the search chooses depth",
     }
     p.add_argument("--resolutions", type=int, nargs="*", default=list(d.resolutions),
                    help="extra input resolutions trained by single-path steps (elastic macro), e.g. 8 12")
@@ -228,6 +229,10 @@ def _add_train_supernet(sub: argparse._SubParsersAction) -> None:
         if f.name in ("macro", "resolutions"):
             continue
         default = getattr(d, f.name)
+        if isinstance(default, bool):
+            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=default,
+                           help=helps.get(f.name, f.name.replace('_', ' ')))
+            continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
                        help=f"{helps.get(f.name, f.name.replace('_', ' '))} (default %(default)s)")
     p.set_defaults(handler=_train_supernet)
@@ -341,8 +346,10 @@ def _predict(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.arch[rows[0]]}: macro {macro.to_dict()} is not the macro of any --profile "
                                  f"({', '.join(str(p.macro.to_dict()) for p in given)})")
             profile = DeviceProfile.load(_resolve_profile(None, macro), expected_macro=macro)
-        pred = create_predictor(profile, args.predictor)
-        ms[rows] = pred.predict([genotypes[i] for i in rows])
+        for depth in dict.fromkeys(genotypes[i].depth for i in rows):  # elastic depth: one table per depth
+            same = [i for i in rows if genotypes[i].depth == depth]
+            pred = create_predictor(profile, args.predictor, depth=depth)
+            ms[same] = pred.predict([genotypes[i] for i in same])
         entry: dict[str, Any] = {"profile": profile.name, "resolution": macro.resolution, "predictor": pred.name,
                                  "validation_mape": profile.validation.get("mape")}
         if args.rescale:

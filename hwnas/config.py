@@ -67,6 +67,9 @@ class SupernetConfig:
     # Elastic input resolution: single-path steps draw one of these (plus macro.resolution) per step, so the
     # search can choose each architecture's resolution. Empty: macro.resolution only.
     resolutions: tuple[int, ...] = ()
+    # Elastic depth: single-path steps also drop trailing normal cells of each stage (cell skipping), so the
+    # search can choose each architecture's depth.
+    elastic_depth: bool = False
     epochs: int = 2  # bilevel epochs (weights on train, alphas on search-validation)
     sample_epochs: int = 20  # single-path fine-tuning epochs after the bilevel phase
     sampling: str = "uniform"  # single-path sampling: "uniform", "fair" (each op once per 7 steps) or "alpha"
@@ -94,6 +97,10 @@ class SupernetConfig:
             raise ValueError(f"resolutions must be a tuple of positive integers, got {self.resolutions!r}")
         if len(self.all_resolutions) > 1 and self.sample_epochs == 0:
             raise ValueError("extra resolutions are trained by single-path steps only; they need sample_epochs > 0")
+        if not isinstance(self.elastic_depth, bool):
+            raise ValueError(f"elastic_depth must be true or false, got {self.elastic_depth!r}")
+        if self.elastic_depth and self.sample_epochs == 0:
+            raise ValueError("elastic depth is trained by single-path steps only; it needs sample_epochs > 0")
         for name in ("epochs", "sample_epochs", "max_param_free", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")

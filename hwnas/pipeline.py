@@ -30,11 +30,13 @@ class RunPlan:
 # kernel: a single-path epoch of digits takes ~3 s there at 16 px, one shared-weight estimate ~0.6 s.
 # Elastic input resolution: digits are natively 8x8, so low resolutions lose little accuracy and run 2-3x
 # faster; the quick plan keeps two resolutions so that a machine without shipped profiles measures only two.
+# Elastic depth: the 5-cell macro may drop the normal cell after either reduction. That reaches latencies no
+# choice of cells or resolution does, and needs no extra profiling (the kept cells' blocks are the same).
 PLANS = {
-    "quick": RunPlan(SupernetConfig(epochs=0, sample_epochs=30, resolutions=(8,)), SearchConfig(pop=12, gens=10),
-                     train_epochs=10, train_members=2, profile_quick=True),
-    "full": RunPlan(SupernetConfig(epochs=0, sample_epochs=120, resolutions=(6, 8, 12)), SearchConfig(pop=24, gens=20),
-                    train_epochs=20, train_members=4, profile_quick=False),
+    "quick": RunPlan(SupernetConfig(epochs=0, sample_epochs=30, resolutions=(8,), elastic_depth=True),
+                     SearchConfig(pop=12, gens=10), train_epochs=10, train_members=2, profile_quick=True),
+    "full": RunPlan(SupernetConfig(epochs=0, sample_epochs=120, resolutions=(6, 8, 12), elastic_depth=True),
+                    SearchConfig(pop=24, gens=20), train_epochs=20, train_members=4, profile_quick=False),
 }
 
 

@@ -166,3 +166,38 @@ def test_shipped_profiles_load_and_use_the_current_timing():
         # with a different methodology than the one that built it.
         assert timing.paired and timing.combine == "median", f"{path.name} was timed with the earlier methodology"
         assert 0 < profile.validation["mape"] < 10 and profile.validation["n"] >= 30, path.name
+
+
+def test_reduced_depth_predictions_drop_the_cells_and_keep_the_fit():
+    """A profile of the full macro predicts every elastic depth: the dropped cells' blocks and preprocessing go."""
+    from hwnas.predictors import ByMacroPredictor, profile_tables
+    from hwnas.profiling.blocks import cell_shapes, pair_block
+    from hwnas.space.genotype import Genotype, SearchSpace
+
+    macro = MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=10)
+    profile = synthetic_profile(macro)
+    ops, fixed = profile.blocks["ops_ms"], profile.blocks["fixed_ms"]
+    g = SearchSpace(macro).sample(np.random.default_rng(1))
+    shallow = Genotype(g.normal, g.reduce, macro, depth=(1, 0, 1))  # drops cell 2
+
+    def blocks_ms(active):
+        return sum(ops[pair_block(c, op, inp).key] for c in cell_shapes(macro) if active[c.index]
+                   for op, inp in (g.reduce if c.reduction else g.normal))
+
+    want = profile.blocks["overhead_ms"] + sum(v for k, v in fixed.items() if not k.startswith("cell2.")) + blocks_ms(shallow.active_cells)
+    assert create_predictor(profile, "blocksum", depth=shallow.depth).predict([shallow])[0] == pytest.approx(want)
+    assert profile_tables(profile, (1, 1, 1))[1] == pytest.approx(profile_tables(profile)[1])
+    # The fitted scale carries over: full minus shallow is the dropped cell's fixed parts plus its scaled blocks.
+    full_pred, shallow_pred = create_predictor(profile, "scaled"), create_predictor(profile, "scaled", depth=(1, 0, 1))
+    dropped = fixed["cell2.pre0"] + fixed["cell2.pre1"] + full_pred.coef_[0] * (blocks_ms((True,) * 5) - blocks_ms(shallow.active_cells))
+    # (abs: the profile stores the full table rounded to 1e-7 ms per entry)
+    assert full_pred.predict([g])[0] - shallow_pred.predict([shallow])[0] == pytest.approx(dropped, abs=1e-5)
+    calibrated = create_predictor(profile, "calibrated")
+    same = calibrated.with_blocks(calibrated.block_table, calibrated.fixed_ms, ())
+    assert same.predict([g])[0] == pytest.approx(calibrated.predict([g])[0], abs=1e-5)  # stored table = coef x blocks
+    with pytest.raises(ValueError, match="covers depth full"):
+        calibrated.predict([shallow])
+    routed = ByMacroPredictor.from_profiles([profile]).predict([g, shallow])
+    np.testing.assert_allclose(routed, [create_predictor(profile).predict([g])[0], create_predictor(profile, depth=(1, 0, 1)).predict([shallow])[0]])
+    with pytest.raises(ValueError, match=r"depth\[1\] = 2"):
+        create_predictor(profile, depth=(1, 2, 1))

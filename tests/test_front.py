@@ -94,6 +94,7 @@ def test_csv_and_plot(front: ParetoFront, tmp_path) -> None:
     assert float(rows[0]["accuracy"]) == pytest.approx(1 - front.members[0].error)
     assert json.loads(rows[0]["normal"]) == front.members[0].genotype.to_dict()["normal"]
     assert int(rows[0]["resolution"]) == front.members[0].genotype.macro.resolution
+    assert json.loads(rows[0]["depth"]) == list(front.members[0].genotype.stage_depth)
     png = plot_fronts(front, tmp_path / "pareto.png", baseline=front)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -115,3 +115,40 @@ def test_a_fixed_resolution_space_samples_as_before():
     a = SearchSpace().sample(np.random.default_rng(5))
     b = SearchSpace(MacroConfig(), resolutions=[16]).sample(np.random.default_rng(5))
     assert a == b and SearchSpace().n_var == 32
+
+
+DEEP = MacroConfig(C=4, layers=8, resolution=8)  # stages of 2, 2 and 2 normal cells
+
+
+def test_depth_is_validated_and_full_depth_keeps_the_arch_id():
+    g = Genotype.from_dict(arch_dict(macro=DEEP.to_dict()))
+    assert g.stage_depth == (2, 2, 2) and g.active_cells == (True,) * 8
+    same = Genotype(g.normal, g.reduce, DEEP, depth=(2, 2, 2))
+    assert same == g and same.depth == () and same.arch_id == g.arch_id and "depth" not in same.to_dict()
+    shallow = Genotype(g.normal, g.reduce, DEEP, depth=(1, 0, 2))
+    # layers 0 1 [2] 3 4 [5] 6 7: stage 0 keeps cell 0, stage 1 drops cells 3 and 4
+    assert shallow.active_cells == (True, False, True, False, False, True, True, True)
+    assert shallow.arch_id != g.arch_id
+    assert Genotype.from_dict(json.loads(json.dumps(shallow.to_dict()))) == shallow
+    for depth, message in [((0, 2, 2), r"depth\[0\] = 0 is outside \[1, 2\]"), ((1, 3, 2), r"depth\[1\] = 3"),
+                           ((1, 1), "must give 3 stages"), ("deep", "list of integers")]:
+        with pytest.raises(ValueError, match=message):
+            Genotype.from_dict(arch_dict(macro=DEEP.to_dict(), depth=depth))
+
+
+def test_elastic_depth_space_round_trips_and_samples_every_depth(rng):
+    space = SearchSpace(MacroConfig(C=4, layers=5, resolution=8), resolutions=[6, 8], depth=True)
+    assert space.depth_stages == (1, 2) and space.n_var == space.cell_vars + 1 + 2  # stage 0 has one cell: fixed
+    xl, xu = space.bounds()
+    assert list(xl[-2:]) == [0, 0] and list(xu[-2:]) == [1, 1]
+    seen = set()
+    for _ in range(40):
+        g = space.sample(rng)
+        assert space.decode(space.encode(g)) == g
+        seen.add(g.stage_depth)
+    assert seen == {(1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)}
+    fixed = SearchSpace(MacroConfig(C=4, layers=5, resolution=8))
+    shallow = next(g for g in (space.sample(rng) for _ in range(50)) if g.depth and g.macro.resolution == 8)
+    with pytest.raises(ValueError, match="keeps at full depth"):
+        fixed.encode(shallow)
+    assert not SearchSpace(MacroConfig(layers=3), depth=True).elastic_depth  # 3 layers: nothing to drop

@@ -3,7 +3,7 @@ import torch
 
 from hwnas.config import MacroConfig
 from hwnas.profiling.onnx_io import export_onnx, verify_onnx
-from hwnas.space import Network, SearchSpace, count_params
+from hwnas.space import Genotype, Network, SearchSpace, count_params
 
 
 @pytest.mark.parametrize("resolution", [8, 7])
@@ -25,3 +25,20 @@ def test_network_exports_to_onnx_and_matches_torch(genotype, tmp_path):
     path = export_onnx(net, tmp_path / "net.onnx", (1, macro.in_channels, macro.resolution, macro.resolution))
     x = torch.randn(3, macro.in_channels, macro.resolution, macro.resolution)  # batch 3: dynamic axis
     assert verify_onnx(path, net, x) <= 1e-4
+
+
+def test_dropped_cells_leave_no_op_and_the_export_matches(rng, tmp_path):
+    from hwnas.search.problem import ParamsCounter
+    from hwnas.space.network import SkippedCell
+
+    macro = MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=10)
+    full = SearchSpace(macro).sample(rng)
+    shallow = Genotype(full.normal, full.reduce, macro, depth=(1, 0, 0))
+    net = Network(shallow).eval()
+    assert [isinstance(c, SkippedCell) for c in net.cells] == [False, False, True, False, True]
+    assert count_params(net) < count_params(Network(full))
+    assert ParamsCounter(macro)([shallow, full]).tolist() == [count_params(net) / 1e6, count_params(Network(full)) / 1e6]
+    path = export_onnx(net, tmp_path / "shallow.onnx", (1, 1, 8, 8))
+    assert verify_onnx(path, net, torch.randn(3, 1, 8, 8)) <= 1e-4
+    with pytest.raises(ValueError, match="is for 5 layers"):
+        Network(shallow, MacroConfig(C=4, layers=8, resolution=8))

@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hwnas.space import GENOTYPE_OPS, Network, Supernet
+from hwnas.config import MacroConfig
+from hwnas.space import GENOTYPE_OPS, Genotype, Network, SearchSpace, Supernet
 from hwnas.space.supernet import EDGES, NUM_OPS
 
 
@@ -55,3 +56,20 @@ def test_genotype_weights_match_a_discrete_network_with_same_weights(genotype):
         for p in net.cells[0].edges[row].parameters():
             p.add_(1.0)
         assert torch.equal(net(x, w), y)
+
+
+def test_dropped_cells_are_skipped_like_the_discrete_network(rng):
+    """Cells a genotype's depth drops take no part: their parameters cannot change the output."""
+    macro = MacroConfig(C=4, layers=5, resolution=8)
+    g = SearchSpace(macro, depth=True).sample(rng)
+    g = Genotype(g.normal, g.reduce, macro, depth=(1, 0, 1))
+    net = Supernet(macro).eval()
+    w, x = net.genotype_weights(g), torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        y = net(x, w, g.active_cells)
+        for p in net.cells[2].parameters():  # cell 2 is dropped
+            p.add_(1.0)
+        assert torch.equal(net(x, w, g.active_cells), y)
+        assert not torch.equal(net(x, w), y)  # at full depth it runs
+    with pytest.raises(ValueError, match="keep the reduction cells"):
+        net(x, w, (True, False, True, True, True))

@@ -139,7 +139,7 @@ def test_elastic_supernet_trains_and_estimates_every_resolution(cfg: SupernetCon
 
     seen: list[int] = []
     forward = Supernet.forward
-    monkeypatch.setattr(Supernet, "forward", lambda self, x, w=None: (seen.append(x.shape[-1]), forward(self, x, w))[1])
+    monkeypatch.setattr(Supernet, "forward", lambda self, x, *a: (seen.append(x.shape[-1]), forward(self, x, *a))[1])
     cfg = replace(cfg, epochs=0, sample_epochs=2, resolutions=(4,))
     assert cfg.all_resolutions == (4, 8)
     supernet, cfg = load_supernet(train_supernet(cfg, tmp_path / "run"))
@@ -156,3 +156,30 @@ def test_elastic_supernet_trains_and_estimates_every_resolution(cfg: SupernetCon
         est.error([replace(g8, macro=cfg.macro.at_resolution(6))])
     with pytest.raises(ValueError, match="need sample_epochs > 0"):
         replace(cfg, epochs=1, sample_epochs=0)
+
+
+def test_elastic_depth_supernet_drops_cells_and_estimates_each_depth(cfg: SupernetConfig, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from hwnas.space.supernet import Supernet
+
+    seen: list[tuple[bool, ...] | None] = []
+    forward = Supernet.forward
+    monkeypatch.setattr(Supernet, "forward", lambda self, x, w=None, active=None: (seen.append(active and tuple(active)),
+                                                                                   forward(self, x, w, active))[1])
+    macro = MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=CLASSES)
+    cfg = replace(cfg, macro=macro, epochs=1, sample_epochs=2, elastic_depth=True)
+    supernet, cfg = load_supernet(train_supernet(cfg, tmp_path / "run"))
+    assert cfg.elastic_depth and SupernetConfig.from_dict(cfg.to_dict()) == cfg
+    train_steps = [a for a in seen if a is not None]
+    assert None in seen  # the bilevel epoch runs every cell
+    assert set(train_steps) > {(True, True, False, True, False)} and len(set(train_steps)) >= 3
+    space = SearchSpace(macro, depth=True)
+    g = space.sample(np.random.default_rng(0))
+    full, shallow = (Genotype(g.normal, g.reduce, macro, depth=d) for d in ((1, 1, 1), (1, 0, 0)))
+    seen.clear()
+    est = AccuracyEstimator(supernet, load_dataset(cfg.data, 8, cfg.seed), calib_batches=1, batch_size=8)
+    errors = est.error([full, shallow])
+    assert np.all((errors >= 0) & (errors <= 1)) and len(est._cache) == 2
+    assert (True, True, False, True, False) in seen and None not in seen  # recalibration and evaluation both drop cells
+    with pytest.raises(ValueError, match="elastic depth is trained by single-path steps only"):
+        replace(cfg, sample_epochs=0)

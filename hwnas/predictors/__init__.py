@@ -1,7 +1,7 @@
 """Latency predictors by name; `create_predictor(profile)` gives the one a profile validated best."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -15,27 +15,34 @@ if TYPE_CHECKING:
 PREDICTORS: dict[str, type[LatencyPredictor]] = {p.name: p for p in (BlockSumPredictor, ScaledBlockSumPredictor, CalibratedPredictor)}
 
 
-def profile_tables(profile: "DeviceProfile") -> tuple[np.ndarray, float]:
-    """The summed block table and the fixed latency a profile's block measurements give."""
-    from hwnas.profiling.blocks import pair_tables
+def profile_tables(profile: "DeviceProfile", depth: Sequence[int] = ()) -> tuple[np.ndarray, float]:
+    """The summed block table and the fixed latency a profile's block measurements give at `depth` (() = full)."""
+    from hwnas.profiling.blocks import fixed_block_kept, pair_tables
+    from hwnas.space.genotype import active_cells
 
+    active = active_cells(profile.macro, depth)
     try:
         ops = profile.blocks["ops_ms"]
-        fixed = sum(profile.blocks["fixed_ms"].values()) + profile.blocks["overhead_ms"]
-        return pair_tables(profile.macro, ops), float(fixed)
-    except (KeyError, TypeError, AttributeError) as err:
+        fixed_ms = profile.blocks["fixed_ms"]
+        fixed = sum(ms for name, ms in fixed_ms.items() if fixed_block_kept(name, active)) + profile.blocks["overhead_ms"]
+        return pair_tables(profile.macro, ops, active), float(fixed)
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:
         raise ValueError(f"profile {profile.name!r}: blocks section is incomplete ({err!r})") from None
 
 
-def create_predictor(profile: "DeviceProfile", name: str | None = None) -> LatencyPredictor:
-    """The fitted predictor `name` (None: the profile's default, chosen by cross-validated error)."""
+def create_predictor(profile: "DeviceProfile", name: str | None = None, depth: Sequence[int] = ()) -> LatencyPredictor:
+    """The fitted predictor `name` (None: the profile's default) for genotypes of `depth` (() = full depth)."""
     name = name or profile.default_predictor
     if name not in PREDICTORS:
         raise ValueError(f"unknown predictor {name!r}; known: {', '.join(PREDICTORS)}")
     if name not in profile.predictors:
         raise ValueError(f"profile {profile.name!r} has no fitted {name!r} predictor; it has {sorted(profile.predictors)}")
     table, fixed = profile_tables(profile)
-    return PREDICTORS[name].from_dict(profile.predictors[name], table, fixed)
+    pred = PREDICTORS[name].from_dict(profile.predictors[name], table, fixed)
+    from hwnas.space.genotype import normalize_depth
+
+    depth = normalize_depth(depth, profile.macro)
+    return pred.with_blocks(*profile_tables(profile, depth), depth=depth) if depth else pred
 
 
 __all__ = ["PREDICTORS", "BlockSumPredictor", "ByMacroPredictor", "CalibratedPredictor", "ScaledBlockSumPredictor", "LatencyPredictor", "create_predictor", "encode_all"]

@@ -1,6 +1,7 @@
 """LatencyPredictor: every predictor is a bias plus one table entry per (pair, op, input), so predict is a lookup."""
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,6 +35,7 @@ class LatencyPredictor:
     """scikit-learn style: `fit(genotypes, latency_ms)` sets `intercept_` and `table_`; `predict` is pure."""
 
     name = "base"
+    depth: tuple[int, ...] = ()  # the elastic depth whose cells block_table sums (() = every cell)
 
     def __init__(self, block_table: np.ndarray, fixed_ms: float) -> None:
         self.block_table = np.asarray(block_table, dtype=float)  # (N_PAIRS, N_OPS, N_INPUTS) summed block ms
@@ -48,8 +50,31 @@ class LatencyPredictor:
         raise NotImplementedError
 
     def predict(self, genotypes: Sequence[Genotype]) -> np.ndarray:
-        """Predicted latency (ms) of each genotype."""
+        """Predicted latency (ms) of each genotype (all of this predictor's depth)."""
+        other = next((g for g in genotypes if g.depth != self.depth), None)
+        if other is not None:
+            raise ValueError(f"predictor {self.name!r} covers depth {list(self.depth) or 'full'}, architecture "
+                             f"{other.arch_id} has depth {list(other.depth) or 'full'}; use create_predictor(profile, depth=...) "
+                             "or ByMacroPredictor")
         return self.predict_encoded(encode_all(genotypes))
+
+    def table_from_coef(self) -> np.ndarray:
+        """The lookup table the fitted coefficients give for this predictor's block_table."""
+        raise NotImplementedError
+
+    def with_blocks(self, block_table: np.ndarray, fixed_ms: float, depth: tuple[int, ...]) -> "LatencyPredictor":
+        """This fitted predictor applied to the block table of another depth: coefficients and offset unchanged.
+
+        The fit is per op kind (a scale on block latency and a cost per op instance), so it carries over to any
+        set of kept cells; only the tables that it multiplies change.
+        """
+        if not hasattr(self, "table_"):
+            raise ValueError(f"predictor {self.name!r} is not fitted")
+        new = copy.copy(self)
+        new.block_table, new.fixed_ms, new.depth = np.asarray(block_table, dtype=float), float(fixed_ms), tuple(depth)
+        new.table_ = new.table_from_coef()
+        new.intercept_ = new.fixed_ms + (self.intercept_ - self.fixed_ms)
+        return new
 
     def predict_encoded(self, x: np.ndarray) -> np.ndarray:
         """Predicted latency (ms) from integer encodings (N, 32): a table lookup and a row sum."""

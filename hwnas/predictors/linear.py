@@ -15,8 +15,12 @@ class BlockSumPredictor(LatencyPredictor):
     def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray) -> "BlockSumPredictor":
         """Nothing to learn: the tables come from the block measurements."""
         self.intercept_ = self.fixed_ms
-        self.table_ = self.block_table.copy()
+        self.table_ = self.table_from_coef()
         return self
+
+    def table_from_coef(self) -> np.ndarray:
+        """The block table itself."""
+        return self.block_table.copy()
 
 
 class CalibratedPredictor(LatencyPredictor):
@@ -66,8 +70,12 @@ class CalibratedPredictor(LatencyPredictor):
         self.coef_ = prior + model.coef_ / scale
         self.alpha_ = float(model.alpha_)
         self.intercept_ = self.fixed_ms + float(model.intercept_)
-        self.table_ = phi @ self.coef_
+        self.table_ = self.table_from_coef()
         return self
+
+    def table_from_coef(self) -> np.ndarray:
+        """Each table entry's features times the fitted coefficients."""
+        return self.basis() @ self.coef_
 
 
 class ScaledBlockSumPredictor(CalibratedPredictor):

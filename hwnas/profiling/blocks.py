@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from hwnas.config import MacroConfig
-from hwnas.space.genotype import PAIRS_PER_CELL, STEPS, Genotype
-from hwnas.space.network import STEM_MULTIPLIER, Network, reduction_layers
+from hwnas.space.genotype import PAIRS_PER_CELL, STEPS, Genotype, reduction_layers
+from hwnas.space.network import STEM_MULTIPLIER, Network
 from hwnas.space.ops import GENOTYPE_OPS, create_op
 
 N_PAIRS = 2 * PAIRS_PER_CELL  # normal cell pairs, then reduce cell pairs (SearchSpace.encode order)
@@ -83,10 +84,16 @@ def op_blocks(macro: MacroConfig) -> list[BlockSpec]:
     return list(seen.values())
 
 
-def pair_tables(macro: MacroConfig, block_ms: dict[str, float]) -> np.ndarray:
-    """(N_PAIRS, N_OPS, N_INPUTS) summed block latency of pair p with op o reading input i, over all its cells."""
+def pair_tables(macro: MacroConfig, block_ms: dict[str, float], active: Sequence[bool] | None = None) -> np.ndarray:
+    """(N_PAIRS, N_OPS, N_INPUTS) summed block latency of pair p with op o reading input i, over its kept cells.
+
+    `active` flags the cells a genotype keeps (Genotype.active_cells; None: all). Dropping a normal cell
+    changes no other cell's shapes, so the kept cells' blocks are the ones the full macro measured.
+    """
     table = np.zeros((N_PAIRS, N_OPS, N_INPUTS))
     for cell in cell_shapes(macro):
+        if active is not None and not active[cell.index]:
+            continue
         base = PAIRS_PER_CELL if cell.reduction else 0
         for k in range(PAIRS_PER_CELL):
             for inp in range(k // 2 + 2):  # valid inputs of node k // 2
@@ -104,6 +111,13 @@ class _Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def fixed_block_kept(name: str, active: Sequence[bool]) -> bool:
+    """Whether the fixed part `name` ("stem", "cell3.pre0", "head") runs when only the `active` cells are kept."""
+    if not name.startswith("cell"):
+        return True
+    return active[int(name[4:].split(".")[0])]
 
 
 def fixed_blocks(macro: MacroConfig, genotype: Genotype) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:

@@ -185,18 +185,19 @@ class ParetoFront:
         return cls.from_dict(data, source=str(path))
 
     def save_csv(self, path: str | Path) -> Path:
-        """Write front.csv: one row per member, objectives, input resolution and the cells as compact JSON."""
+        """Write front.csv: one row per member, objectives, input resolution, depth and the cells as compact JSON."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(fd, "w", newline="") as fh:
                 writer = csv.writer(fh)
-                writer.writerow(["arch_id", *OBJECTIVES, "accuracy", "violation", "resolution", "normal", "reduce"])
+                writer.writerow(["arch_id", *OBJECTIVES, "accuracy", "violation", "resolution", "depth", "normal", "reduce"])
                 for m in self.members:
                     d = m.genotype.to_dict()
                     writer.writerow([m.arch_id, f"{m.error:.6f}", f"{m.latency_ms:.6f}", f"{m.params_m:.6f}",
                                      f"{1 - m.error:.6f}", f"{m.violation:.6g}", m.genotype.macro.resolution,
+                                     json.dumps(list(m.genotype.stage_depth), separators=(",", ":")),
                                      json.dumps(d["normal"], separators=(",", ":")),
                                      json.dumps(d["reduce"], separators=(",", ":"))])
             os.replace(tmp, path)
@@ -204,6 +205,16 @@ class ParetoFront:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
+
+
+def _macro_label(genotype: Genotype, members: list[FrontMember]) -> str:
+    """"6px", "d1-0-1" or both, for whichever of resolution and depth differs between `members`."""
+    parts = []
+    if len({m.genotype.macro.resolution for m in members}) > 1:
+        parts.append(f"{genotype.macro.resolution}px")
+    if len({m.genotype.stage_depth for m in members}) > 1:
+        parts.append("d" + "-".join(map(str, genotype.stage_depth)))
+    return " ".join(parts)
 
 
 def plot_fronts(front: ParetoFront, path: str | Path, baseline: ParetoFront | None = None,
@@ -235,10 +246,10 @@ def plot_fronts(front: ParetoFront, path: str | Path, baseline: ParetoFront | No
                    edgecolors="k", linewidths=0.5, label=f"{label}: {len(pts)} members, HV {f.hypervolume:.4f}")
         best = np.minimum.accumulate(err)  # the error-latency staircase of the 3-objective front
         ax.step(lat, best, where="post", color=color, alpha=0.5)
-        if len({m.genotype.macro.resolution for m in pts}) > 1:  # elastic resolution: say which point is which
-            for m, x, y in zip(pts, lat, err):
-                ax.annotate(f"{m.genotype.macro.resolution}px", (x, y), xytext=(3, 3), textcoords="offset points",
-                            fontsize=6, color=color)
+        for m, x, y in zip(pts, lat, err):  # elastic macro: say which point has which resolution and depth
+            label = _macro_label(m.genotype, pts)
+            if label:
+                ax.annotate(label, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, color=color)
     ax.set_xlabel("predicted latency (ms)")
     ax.set_ylabel("estimated validation error (%, shared weights)")
     ax.set_title(title or f"Pareto front (marker area: {p_lo:.3f}-{p_hi:.3f} M parameters)")

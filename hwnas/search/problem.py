@@ -10,8 +10,8 @@ from pymoo.core.repair import Repair
 
 from hwnas.config import MacroConfig
 from hwnas.search.front import OBJECTIVES
-from hwnas.space.genotype import STEPS, Genotype, SearchSpace
-from hwnas.space.network import Network, count_params, reduction_layers
+from hwnas.space.genotype import STEPS, Genotype, SearchSpace, reduction_layers
+from hwnas.space.network import Network, count_params
 from hwnas.space.ops import create_op
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,10 @@ class ParamsCounter:
             self._cells.append((c, reduction))
         self._table: dict[tuple[str, int, int], int] = {}
         probe = SearchSpace(macro).sample(np.random.default_rng(0))
-        self._base = count_params(Network(probe)) - self._ops_params(probe)
+        net = Network(probe)
+        # Per cell, its preprocessing: a cell dropped by the elastic depth takes it away too.
+        self._pre = [count_params(c.preprocess0) + count_params(c.preprocess1) for c in net.cells]
+        self._base = count_params(net) - self._ops_params(probe) - sum(self._pre)
 
     def _op_params(self, op: str, c: int, stride: int) -> int:
         key = (op, c, stride)
@@ -44,16 +47,23 @@ class ParamsCounter:
             self._table[key] = count_params(create_op(op, c, stride, affine=True))
         return self._table[key]
 
-    def _ops_params(self, g: Genotype) -> int:
+    def _ops_params(self, g: Genotype, active: Sequence[bool] | None = None) -> int:
         total = 0
-        for c, reduction in self._cells:
+        for i, (c, reduction) in enumerate(self._cells):
+            if active is not None and not active[i]:
+                continue
             for op, inp in g.reduce if reduction else g.normal:
                 total += self._op_params(op, c, 2 if reduction and inp < 2 else 1)
         return total
 
     def __call__(self, genotypes: Sequence[Genotype]) -> np.ndarray:
         """Parameters in millions, one per genotype."""
-        return np.array([(self._base + self._ops_params(g)) / 1e6 for g in genotypes], dtype=float)
+        out = []
+        for g in genotypes:
+            active = g.active_cells
+            pre = sum(p for p, keep in zip(self._pre, active) if keep)
+            out.append((self._base + pre + self._ops_params(g, active)) / 1e6)
+        return np.array(out, dtype=float)
 
 
 def _check_values(name: str, values: Any, n: int, low: float, high: float) -> np.ndarray:

@@ -70,6 +70,7 @@ def build_problem(supernet_dir: str | Path, profile_path: str | Path | Sequence[
 
     One profile: architectures at the supernet's macro. Several (one per resolution the supernet was
     trained at): the search also chooses each architecture's input resolution among the profiled ones.
+    A supernet trained with elastic depth lets the search choose each architecture's depth too.
     `valid_subset` estimates on the first N validation images only (a cheaper, noisier estimate).
     """
     from hwnas.predictors import ByMacroPredictor
@@ -84,7 +85,8 @@ def build_problem(supernet_dir: str | Path, profile_path: str | Path | Sequence[
     if valid_subset is not None:
         data = {r: _first_valid(data[r], valid_subset) for r in resolutions}
     estimator = AccuracyEstimator(supernet, data, **(estimator_kwargs or {}))
-    return HWNASProblem(SearchSpace(sn_cfg.macro, resolutions), estimator.error, predictor.predict,
+    space = SearchSpace(sn_cfg.macro, resolutions, depth=sn_cfg.elastic_depth)
+    return HWNASProblem(space, estimator.error, predictor.predict,
                         max_latency_ms=cfg.max_latency_ms, max_params_m=cfg.max_params_m)
 
 

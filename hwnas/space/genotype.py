@@ -20,6 +20,54 @@ PAIRS_PER_CELL = 2 * STEPS
 CELL_TYPES = ("normal", "reduce")
 
 Pair = tuple[str, int]
+# Elastic depth keeps the first d normal cells of each stage (stage 0: the cells before the first reduction;
+# stage s > 0: the normal cells after reduction s). The first cell is never dropped: its input is the stem
+# (3C channels), so only it cannot be replaced by passing its input through.
+MIN_STAGE_DEPTH = (1, 0, 0)
+
+
+def reduction_layers(layers: int) -> tuple[int, int]:
+    """Indices of the two reduction cells (DARTS places them at 1/3 and 2/3 depth)."""
+    return layers // 3, 2 * layers // 3
+
+
+def stage_depths(macro: MacroConfig) -> tuple[int, int, int]:
+    """Normal cells per stage at full depth."""
+    r1, r2 = reduction_layers(macro.layers)
+    return r1, r2 - r1 - 1, macro.layers - r2 - 1
+
+
+def active_cells(macro: MacroConfig, depth: Sequence[int] = ()) -> tuple[bool, ...]:
+    """Per cell of `macro`: kept (True) or dropped by `depth` (normal cells kept per stage; () = all)."""
+    depth = tuple(depth) or stage_depths(macro)
+    reds = reduction_layers(macro.layers)
+    out, stage, seen = [], 0, 0
+    for i in range(macro.layers):
+        if i in reds:
+            stage, seen = stage + 1, 0
+            out.append(True)
+        else:
+            out.append(seen < depth[stage])
+            seen += 1
+    return tuple(out)
+
+
+def normalize_depth(depth: Any, macro: MacroConfig) -> tuple[int, ...]:
+    """Validated normal cells kept per stage; full depth becomes () so its arch_id stays what it always was."""
+    if depth is None:
+        return ()
+    if not isinstance(depth, (list, tuple)) or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in depth):
+        raise ValueError(f"depth must be a list of integers (normal cells kept per stage), got {depth!r}")
+    depth = tuple(int(d) for d in depth)
+    if not depth:
+        return ()
+    full = stage_depths(macro)
+    if len(depth) != len(full):
+        raise ValueError(f"depth must give {len(full)} stages (normal cells kept per stage), got {list(depth)}")
+    for stage, (d, lo, hi) in enumerate(zip(depth, MIN_STAGE_DEPTH, full)):
+        if not lo <= d <= hi:
+            raise ValueError(f"depth[{stage}] = {d} is outside [{lo}, {hi}] for macro.layers = {macro.layers}")
+    return () if depth == full else depth
 
 
 def _check_cell(cell_type: str, cell: Any) -> tuple[Pair, ...]:
@@ -51,35 +99,52 @@ def _check_cell(cell_type: str, cell: Any) -> tuple[Pair, ...]:
 
 @dataclass(frozen=True)
 class Genotype:
-    """A cell architecture: 8 (op, input) pairs for the normal and the reduction cell, plus its macro."""
+    """A cell architecture: 8 (op, input) pairs for the normal and the reduction cell, its macro and depth."""
 
     normal: tuple[Pair, ...]
     reduce: tuple[Pair, ...]
     macro: MacroConfig = field(default=DEFAULT_MACRO)
+    depth: tuple[int, ...] = ()  # normal cells kept per stage (elastic depth); () = every cell of the macro
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "normal", _check_cell("normal", self.normal))
         object.__setattr__(self, "reduce", _check_cell("reduce", self.reduce))
         if not isinstance(self.macro, MacroConfig):
             raise ValueError(f"macro must be a MacroConfig, got {type(self.macro).__name__}")
+        object.__setattr__(self, "depth", normalize_depth(self.depth, self.macro))
+
+    @property
+    def active_cells(self) -> tuple[bool, ...]:
+        """Per cell of the macro: whether this genotype keeps it."""
+        return active_cells(self.macro, self.depth)
+
+    @property
+    def stage_depth(self) -> tuple[int, ...]:
+        """Normal cells kept per stage, full depth spelled out."""
+        return self.depth or stage_depths(self.macro)
 
     @property
     def arch_id(self) -> str:
         """Stable 16-hex-digit id; the two pairs of a node are unordered, so they are sorted first."""
         canon = {t: [sorted(getattr(self, t)[2 * n : 2 * n + 2]) for n in range(STEPS)] for t in CELL_TYPES}
         canon["macro"] = self.macro.to_dict()  # type: ignore[assignment]
+        if self.depth:  # only when cells are dropped, so full-depth ids stay what they always were
+            canon["depth"] = list(self.depth)  # type: ignore[assignment]
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         """The architecture JSON object of DESIGN.md."""
-        return {
+        out = {
             "schema_version": SCHEMA_VERSION,
             "space": SPACE_NAME,
             "normal": [[op, inp] for op, inp in self.normal],
             "reduce": [[op, inp] for op, inp in self.reduce],
             "macro": self.macro.to_dict(),
         }
+        if self.depth:
+            out["depth"] = list(self.depth)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "Genotype":
@@ -96,7 +161,7 @@ class Genotype:
             if key not in data:
                 raise ValueError(f"missing field {key!r}")
         macro = MacroConfig.from_dict(data["macro"]) if "macro" in data else DEFAULT_MACRO
-        return cls(normal=data["normal"], reduce=data["reduce"], macro=macro)
+        return cls(normal=data["normal"], reduce=data["reduce"], macro=macro, depth=data.get("depth", ()))
 
     def save(self, path: str | Path) -> None:
         """Write the architecture JSON file."""
@@ -116,18 +181,22 @@ class Genotype:
 class SearchSpace:
     """Integer encoding of genotypes for search: per node (op_a, in_a, op_b, in_b), normal cell first.
 
-    With more than one input resolution (the elastic macro) one more variable follows the cells: the
-    index into `resolutions` (ascending), which sets the genotype's macro.resolution.
+    The elastic macro adds variables after the cells: with more than one input resolution, the index into
+    `resolutions` (ascending); with `depth`, the normal cells kept in each stage that has a choice.
     """
 
     name = SPACE_NAME
     cell_vars = 2 * STEPS * 4
 
-    def __init__(self, macro: MacroConfig = DEFAULT_MACRO, resolutions: Sequence[int] | None = None) -> None:
+    def __init__(self, macro: MacroConfig = DEFAULT_MACRO, resolutions: Sequence[int] | None = None,
+                 depth: bool = False) -> None:
         self.macro = macro
         self.resolutions = tuple(sorted(set(int(r) for r in resolutions))) if resolutions else (macro.resolution,)
         if any(r < 1 for r in self.resolutions):
             raise ValueError(f"resolutions must be positive, got {self.resolutions}")
+        full = stage_depths(macro)
+        # Stages whose depth the search chooses; the others stay at full depth.
+        self.depth_stages = tuple(s for s in range(len(full)) if full[s] > MIN_STAGE_DEPTH[s]) if depth else ()
 
     @property
     def elastic(self) -> bool:
@@ -135,9 +204,14 @@ class SearchSpace:
         return len(self.resolutions) > 1
 
     @property
+    def elastic_depth(self) -> bool:
+        """True when the search chooses how many normal cells each stage keeps."""
+        return bool(self.depth_stages)
+
+    @property
     def n_var(self) -> int:
         """Length of an encoding."""
-        return self.cell_vars + int(self.elastic)
+        return self.cell_vars + int(self.elastic) + len(self.depth_stages)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Inclusive lower and upper bounds of every variable."""
@@ -149,10 +223,13 @@ class SearchSpace:
                 xu[base : base + 4] = [len(GENOTYPE_OPS) - 1, node + 1, len(GENOTYPE_OPS) - 1, node + 1]
         if self.elastic:
             xu[self.cell_vars] = len(self.resolutions) - 1
+        full, first = stage_depths(self.macro), self.cell_vars + int(self.elastic)
+        for k, stage in enumerate(self.depth_stages):
+            xl[first + k], xu[first + k] = MIN_STAGE_DEPTH[stage], full[stage]
         return xl, xu
 
     def encode(self, genotype: Genotype) -> np.ndarray:
-        """Genotype -> integer vector of length n_var; ValueError if its resolution is not in the space."""
+        """Genotype -> integer vector of length n_var; ValueError if its resolution or depth is not in the space."""
         x = []
         for cell in (genotype.normal, genotype.reduce):
             for op, inp in cell:
@@ -162,6 +239,11 @@ class SearchSpace:
             raise ValueError(f"genotype resolution {res} is not searched here; resolutions: {list(self.resolutions)}")
         if self.elastic:
             x.append(self.resolutions.index(res))
+        depth, full = genotype.stage_depth, stage_depths(self.macro)
+        fixed = [s for s in range(len(full)) if s not in self.depth_stages and depth[s] != full[s]]
+        if fixed:
+            raise ValueError(f"genotype depth {list(depth)} drops cells of stage {fixed[0]}, which this space keeps at full depth")
+        x += [depth[s] for s in self.depth_stages]
         return np.asarray(x, dtype=int)
 
     def decode(self, x: Sequence[int] | np.ndarray) -> Genotype:
@@ -181,7 +263,11 @@ class SearchSpace:
             part = x[cell * 4 * STEPS : (cell + 1) * 4 * STEPS].astype(int)
             cells.append([(GENOTYPE_OPS[part[2 * k]], int(part[2 * k + 1])) for k in range(PAIRS_PER_CELL)])
         res = self.resolutions[int(x[self.cell_vars])] if self.elastic else self.resolutions[0]
-        return Genotype(normal=tuple(cells[0]), reduce=tuple(cells[1]), macro=self.macro.at_resolution(res))
+        depth = list(stage_depths(self.macro))
+        for k, stage in enumerate(self.depth_stages):
+            depth[stage] = int(x[self.cell_vars + int(self.elastic) + k])
+        return Genotype(normal=tuple(cells[0]), reduce=tuple(cells[1]), macro=self.macro.at_resolution(res),
+                        depth=tuple(depth))
 
     def repair(self, x: np.ndarray) -> np.ndarray:
         """Clip into bounds and give each node two distinct inputs (the second moves to the next free one)."""
@@ -195,12 +281,16 @@ class SearchSpace:
         return x
 
     def sample(self, rng: np.random.Generator) -> Genotype:
-        """A uniformly random valid genotype (and resolution, when elastic)."""
+        """A uniformly random valid genotype (and resolution and depth, when elastic)."""
         x = []
         for _ in range(2):
             for node in range(STEPS):
                 a, b = rng.choice(node + 2, size=2, replace=False)
                 x += [int(rng.integers(len(GENOTYPE_OPS))), int(a), int(rng.integers(len(GENOTYPE_OPS))), int(b)]
-        if self.elastic:  # drawn last, so a fixed-resolution space samples the cells it always did
+        # The elastic variables are drawn last, so a fixed space samples the cells it always did.
+        if self.elastic:
             x.append(int(rng.integers(len(self.resolutions))))
+        xl, xu = self.bounds()
+        for i in range(len(x), self.n_var):
+            x.append(int(rng.integers(xl[i], xu[i] + 1)))
         return self.decode(x)

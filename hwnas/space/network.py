@@ -5,15 +5,10 @@ import torch
 from torch import nn
 
 from hwnas.config import MacroConfig
-from hwnas.space.genotype import STEPS, Genotype, Pair
+from hwnas.space.genotype import STEPS, Genotype, Pair, active_cells, reduction_layers  # noqa: F401 (re-exported)
 from hwnas.space.ops import FactorizedReduce, ReLUConvBN, create_op
 
 STEM_MULTIPLIER = 3
-
-
-def reduction_layers(layers: int) -> tuple[int, int]:
-    """Indices of the two reduction cells (DARTS places them at 1/3 and 2/3 depth)."""
-    return layers // 3, 2 * layers // 3
 
 
 class Cell(nn.Module):
@@ -37,8 +32,20 @@ class Cell(nn.Module):
         return torch.cat(states[2:], dim=1)  # (N, 4C, H, W)
 
 
+class SkippedCell(nn.Module):
+    """A normal cell the genotype's depth drops: it passes its input on (a normal cell keeps the shape)."""
+
+    reduction = False
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+        return s1
+
+
 class Network(nn.Module):
-    """DARTS evaluation network: stem, `layers` cells (two of them reductions), global pool, classifier."""
+    """DARTS evaluation network: stem, `layers` cells (two of them reductions), global pool, classifier.
+
+    Cells the genotype's depth drops are `SkippedCell`s: they add no op to the graph or the ONNX export.
+    """
 
     def __init__(self, genotype: Genotype, macro: MacroConfig | None = None) -> None:
         super().__init__()
@@ -51,12 +58,15 @@ class Network(nn.Module):
         c_pp, c_p, c_curr = c_curr, c_curr, macro.C
         self.cells = nn.ModuleList()
         reduction_prev = False
+        if genotype.depth and macro.layers != genotype.macro.layers:
+            raise ValueError(f"genotype depth {list(genotype.depth)} is for {genotype.macro.layers} layers, not {macro.layers}")
+        active = active_cells(macro, genotype.depth)
         for i in range(macro.layers):
             reduction = i in reduction_layers(macro.layers)
             if reduction:
                 c_curr *= 2
             pairs = genotype.reduce if reduction else genotype.normal
-            self.cells.append(Cell(pairs, c_pp, c_p, c_curr, reduction, reduction_prev))
+            self.cells.append(Cell(pairs, c_pp, c_p, c_curr, reduction, reduction_prev) if active[i] else SkippedCell())
             reduction_prev = reduction
             c_pp, c_p = c_p, STEPS * c_curr
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
@@ -65,6 +75,8 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s0 = s1 = self.stem(x)  # (N, 3C, H, W)
         for cell in self.cells:
+            # A dropped cell passes s1 on: the next cell reads the same s0 as at full depth, and an s1 of the
+            # same shape (a normal cell keeps channels and resolution), so no layer changes shape.
             s0, s1 = s1, cell(s0, s1)
         return self.classifier(torch.flatten(self.global_pooling(s1), 1))  # (N, classes)
 

@@ -1,7 +1,7 @@
 """DARTS weight-sharing supernet: every edge a MixedOp over the eight ops, run through hwnas.kernels."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -9,8 +9,8 @@ from torch import nn
 
 from hwnas.config import MacroConfig
 from hwnas.kernels import mixed_op
-from hwnas.space.genotype import STEPS, Genotype
-from hwnas.space.network import STEM_MULTIPLIER, reduction_layers
+from hwnas.space.genotype import STEPS, Genotype, reduction_layers
+from hwnas.space.network import STEM_MULTIPLIER
 from hwnas.space.ops import GENOTYPE_OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, create_op
 
 EDGES = sum(node + 2 for node in range(STEPS))  # 14 edges per cell
@@ -102,13 +102,20 @@ class Supernet(nn.Module):
         """Per-edge op weights from the alphas (DARTS softmax relaxation)."""
         return F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
 
-    def forward(self, x: torch.Tensor, weights: EdgeWeights | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: EdgeWeights | None = None,
+                active: Sequence[bool] | None = None) -> torch.Tensor:
+        """Logits; `active` (one flag per cell, see Genotype.active_cells) drops cells as the elastic depth does."""
         w_normal, w_reduce = self.softmax_weights() if weights is None else weights
         for w, name in ((w_normal, "normal"), (w_reduce, "reduce")):
             if w.shape != (EDGES, NUM_OPS):
                 raise ValueError(f"{name} edge weights must have shape ({EDGES}, {NUM_OPS}), got {tuple(w.shape)}")
+        if active is not None and (len(active) != len(self.cells) or not all(active[i] for i in reduction_layers(len(self.cells)))):
+            raise ValueError(f"active must flag each of the {len(self.cells)} cells and keep the reduction cells, got {active!r}")
         s0 = s1 = self.stem(x)
-        for cell in self.cells:
+        for i, cell in enumerate(self.cells):
+            if active is not None and not active[i]:
+                s0 = s1  # a dropped normal cell passes its input on, as in Network
+                continue
             s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
         return self.classifier(torch.flatten(self.global_pooling(s1), 1))  # (N, classes)
 

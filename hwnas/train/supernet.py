@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hwnas.config import SupernetConfig
+from hwnas.config import MacroConfig, SupernetConfig
 from hwnas.data import DataSplits, MultiResolutionData, load_dataset
-from hwnas.space.genotype import STEPS, Genotype
+from hwnas.space.genotype import MIN_STAGE_DEPTH, STEPS, Genotype, active_cells, stage_depths
 from hwnas.space.ops import GENOTYPE_OPS, PRIMITIVES
 from hwnas.space.supernet import Supernet, edge_index
 from hwnas.jsonio import atomic_write_json, load_json
@@ -133,6 +133,7 @@ def train_supernet(
         alphas_before = [a.detach().clone() for a in supernet.arch_parameters()]
         sums = {"loss": 0.0, "correct": 0.0, "n": 0, "valid_loss": 0.0, "valid_n": 0}
         for step in range(steps_per_epoch):
+            active = None  # every cell; single-path steps of an elastic-depth supernet drop some
             idx = train_perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x, y = x_train[idx], y_train[idx]
             if bilevel:
@@ -157,8 +158,10 @@ def train_supernet(
                 weights = supernet.genotype_weights(sample_genotype(supernet, cfg.sampling, np_rng, fair_ops))
                 if x_train_at:  # drawn after the path, so fixed-resolution runs keep their random sequence
                     x = x_train_at[resolutions[int(np_rng.integers(len(resolutions)))]][idx]
+                if cfg.elastic_depth:  # drawn last, for the same reason
+                    active = active_cells(cfg.macro, sample_depth(cfg.macro, np_rng))
             w_opt.zero_grad(set_to_none=True)
-            logits = supernet(x, weights)
+            logits = supernet(x, weights, active)
             loss = F.cross_entropy(logits, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(supernet.weight_parameters()), cfg.grad_clip)
@@ -245,6 +248,11 @@ def sample_genotype(
             pairs += [(GENOTYPE_OPS[int(o)], int(j)) for o, j in zip(ops, inputs)]
         cells.append(tuple(pairs))
     return Genotype(normal=cells[0], reduce=cells[1], macro=supernet.macro)
+
+
+def sample_depth(macro: MacroConfig, rng: np.random.Generator) -> tuple[int, ...]:
+    """Normal cells kept per stage, each stage's count uniform over its range (elastic depth)."""
+    return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in zip(MIN_STAGE_DEPTH, stage_depths(macro)))
 
 
 def _requires_grad(params, flag: bool) -> None:
