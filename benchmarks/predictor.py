@@ -65,11 +65,17 @@ def node_profiling_comparison(profile, runs: int = 30) -> dict:
     from hwnas.predictors import CalibratedPredictor, ScaledBlockSumPredictor
     from hwnas.profiling.blocks import cell_shapes, pair_block, pair_tables
 
+    from hwnas.space.genotype import stage_depths
+
+    # Full-depth networks only: this comparison refits one table (profiles now also hold networks that drop cells).
+    full = list(stage_depths(profile.macro))
+    cal_e = [e for e in profile.calibration if e.get("depth", full) == full]
+    val_e = [e for e in profile.validation_set if e.get("depth", full) == full]
     space = SearchSpace(profile.macro)
-    cal = [space.decode(e["x"]) for e in profile.calibration]
-    val = [space.decode(e["x"]) for e in profile.validation_set]
-    y = np.array([e["latency_ms"] for e in profile.calibration])
-    yv = np.array([(e["latency_ms_a"] + e["latency_ms_b"]) / 2 for e in profile.validation_set])
+    cal = [space.decode(e["x"]) for e in cal_e]
+    val = [space.decode(e["x"]) for e in val_e]
+    y = np.array([e["latency_ms"] for e in cal_e])
+    yv = np.array([(e["latency_ms_a"] + e["latency_ms_b"]) / 2 for e in val_e])
     edge_re = re.compile(r"^/cells\.(\d+)/ops\.(\d+)/")
     tcfg = timer.TimingConfig(threads=profile.device["threads"])
     t0 = time.perf_counter()

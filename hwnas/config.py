@@ -205,6 +205,9 @@ class ProfileConfig:
     rounds: int = 6  # interleaved fresh-session rounds; validation uses even vs odd rounds as two measurements
     optimization_level: str = "all"
     seed: int = 0
+    # Calibration and validation networks of every elastic depth (the first cell of each stage kept or not),
+    # so the predictor is fitted and validated on networks that drop cells too.
+    elastic_depth: bool = True
 
     def __post_init__(self) -> None:
         if not self.device or any(c in self.device for c in "/\\"):
@@ -227,5 +230,6 @@ class ProfileConfig:
 
     def measurement_key(self) -> dict[str, Any]:
         """Fields that change what gets measured: a resumed run must agree on all of them."""
-        keep = ("threads", "macro", "n_calibration", "n_validation", "runs", "warmup", "rounds", "optimization_level", "seed")
+        keep = ("threads", "macro", "n_calibration", "n_validation", "runs", "warmup", "rounds", "optimization_level", "seed",
+                "elastic_depth")
         return {k: (getattr(self, k).to_dict() if k == "macro" else getattr(self, k)) for k in keep}

@@ -176,6 +176,7 @@ def test_reduced_depth_predictions_drop_the_cells_and_keep_the_fit():
 
     macro = MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=10)
     profile = synthetic_profile(macro)
+    assert len({tuple(e["depth"]) for e in profile.calibration + profile.validation_set}) > 1  # fitted on every depth
     ops, fixed = profile.blocks["ops_ms"], profile.blocks["fixed_ms"]
     g = SearchSpace(macro).sample(np.random.default_rng(1))
     shallow = Genotype(g.normal, g.reduce, macro, depth=(1, 0, 1))  # drops cell 2

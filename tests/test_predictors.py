@@ -107,3 +107,31 @@ def test_by_macro_predictor_routes_each_genotype_to_its_resolution(tiny_macro, r
     np.testing.assert_allclose(got, want, rtol=1e-12)
     with pytest.raises(ValueError, match="no latency profile for macro.*resolutions \\[4, 8\\]"):
         ByMacroPredictor(preds).predict([replace(gs[0], macro=tiny_macro.at_resolution(6))])
+
+
+def test_fit_on_networks_of_every_depth_recovers_the_scale(rng):
+    """Networks that drop cells are fitted with the block tables of the cells they keep."""
+    from hwnas.config import MacroConfig
+    from hwnas.predictors import ScaledBlockSumPredictor
+    from hwnas.profiling.blocks import depth_tables
+
+    macro = MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=10)
+    blocks = {"overhead_ms": 0.01, "ops_ms": {b.key: float(rng.uniform(0.001, 0.05)) for b in op_blocks(macro)},
+              "fixed_ms": {n: float(rng.uniform(0.001, 0.01)) for n in ("stem", "head", *(f"cell{i}.pre{k}" for i in range(5) for k in (0, 1)))}}
+    space = SearchSpace(macro, depth=True)
+    gs = [space.sample(rng) for _ in range(60)]
+    tables = depth_tables(macro, blocks, [g.depth for g in gs])
+    truth = {d: ScaledBlockSumPredictor(t, f) for d, t_f in tables.items() for t, f in [t_f]}
+    y = np.array([truth[g.depth].fixed_ms + 0.002 + 1.3 * slow_blocksum_table(truth[g.depth].block_table, g) for g in gs])
+    pred = ScaledBlockSumPredictor(*tables[()]).fit(gs[:40], y[:40], depth_tables=tables)
+    assert pred.coef_[0] == pytest.approx(1.3, rel=1e-3)
+    held = [pred.with_blocks(*tables[g.depth], g.depth).predict([g])[0] for g in gs[40:]]
+    np.testing.assert_allclose(held, y[40:], rtol=1e-3)
+    assert {g.depth for g in gs} >= {(), (1, 0, 0)}
+    with pytest.raises(ValueError, match="need their block table"):
+        ScaledBlockSumPredictor(*tables[()]).fit(gs, y)
+
+
+def slow_blocksum_table(table, genotype):
+    """Sum of a genotype's entries in a summed (pair, op, input) table."""
+    return float(table.ravel()[flat_index(encode_all([genotype]))].sum())

@@ -17,15 +17,11 @@ PREDICTORS: dict[str, type[LatencyPredictor]] = {p.name: p for p in (BlockSumPre
 
 def profile_tables(profile: "DeviceProfile", depth: Sequence[int] = ()) -> tuple[np.ndarray, float]:
     """The summed block table and the fixed latency a profile's block measurements give at `depth` (() = full)."""
-    from hwnas.profiling.blocks import fixed_block_kept, pair_tables
-    from hwnas.space.genotype import active_cells
+    from hwnas.profiling.blocks import depth_tables
 
-    active = active_cells(profile.macro, depth)
+    depth = tuple(depth)
     try:
-        ops = profile.blocks["ops_ms"]
-        fixed_ms = profile.blocks["fixed_ms"]
-        fixed = sum(ms for name, ms in fixed_ms.items() if fixed_block_kept(name, active)) + profile.blocks["overhead_ms"]
-        return pair_tables(profile.macro, ops, active), float(fixed)
+        return depth_tables(profile.macro, profile.blocks, [depth])[depth]
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as err:
         raise ValueError(f"profile {profile.name!r}: blocks section is incomplete ({err!r})") from None
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -13,6 +13,8 @@ from hwnas.space.ops import GENOTYPE_OPS
 _OP_INDEX = {op: i for i, op in enumerate(GENOTYPE_OPS)}
 # Offset of pair p's (op, input) block in the flattened table.
 _PAIR_BASE = np.arange(N_PAIRS) * (N_OPS * N_INPUTS)
+# Rows of a fit whose networks have another depth: (row indices, that depth's block table, its fixed ms).
+Groups = Sequence[tuple[np.ndarray, np.ndarray, float]]
 
 
 def encode_all(genotypes: Sequence[Genotype]) -> np.ndarray:
@@ -41,13 +43,29 @@ class LatencyPredictor:
         self.block_table = np.asarray(block_table, dtype=float)  # (N_PAIRS, N_OPS, N_INPUTS) summed block ms
         self.fixed_ms = float(fixed_ms)  # genotype-independent parts: stem, preprocessing, head, run overhead
 
-    def fit(self, genotypes: Sequence[Genotype], latency_ms: np.ndarray) -> "LatencyPredictor":
-        """Fit on measured whole networks; returns self."""
-        return self.fit_encoded(encode_all(genotypes), np.asarray(latency_ms, dtype=float))
+    def fit(self, genotypes: Sequence[Genotype], latency_ms: np.ndarray,
+            depth_tables: Mapping[tuple[int, ...], tuple[np.ndarray, float]] | None = None) -> "LatencyPredictor":
+        """Fit on measured whole networks; those of another depth need depth_tables[depth] = (block_table, fixed_ms)."""
+        by_depth: dict[tuple[int, ...], list[int]] = {}
+        for i, g in enumerate(genotypes):
+            by_depth.setdefault(g.depth, []).append(i)
+        groups = []
+        for depth, rows in by_depth.items():
+            if depth == self.depth:
+                groups.append((np.asarray(rows), self.block_table, self.fixed_ms))
+            elif depth_tables is None or depth not in depth_tables:
+                raise ValueError(f"architectures of depth {list(depth)} need their block table in depth_tables")
+            else:
+                groups.append((np.asarray(rows), *depth_tables[depth]))
+        return self.fit_encoded(encode_all(genotypes), np.asarray(latency_ms, dtype=float), groups)
 
-    def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray) -> "LatencyPredictor":
-        """Fit on integer encodings (N, 32)."""
+    def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray, groups: Groups | None = None) -> "LatencyPredictor":
+        """Fit on integer encodings (N, 32); `groups` = (rows, block_table, fixed_ms) for rows of other depths."""
         raise NotImplementedError
+
+    def _groups(self, n: int, groups: Groups | None) -> Groups:
+        """Every row's block table and fixed latency: `groups`, or this predictor's own for all n rows."""
+        return list(groups) if groups else [(np.arange(n), self.block_table, self.fixed_ms)]
 
     def predict(self, genotypes: Sequence[Genotype]) -> np.ndarray:
         """Predicted latency (ms) of each genotype (all of this predictor's depth)."""

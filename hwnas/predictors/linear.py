@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hwnas.predictors.base import LatencyPredictor, flat_index
+from hwnas.predictors.base import Groups, LatencyPredictor, flat_index
 from hwnas.profiling.blocks import N_OPS
 
 
@@ -12,7 +12,7 @@ class BlockSumPredictor(LatencyPredictor):
 
     name = "blocksum"
 
-    def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray) -> "BlockSumPredictor":
+    def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray, groups: Groups | None = None) -> "BlockSumPredictor":
         """Nothing to learn: the tables come from the block measurements."""
         self.intercept_ = self.fixed_ms
         self.table_ = self.table_from_coef()
@@ -40,29 +40,34 @@ class CalibratedPredictor(LatencyPredictor):
         """Coefficients meaning "the blocks simply add up": what the ridge penalty shrinks towards."""
         return np.concatenate([np.ones(N_OPS), np.zeros(N_OPS)])
 
-    def basis(self) -> np.ndarray:
+    def basis(self, block_table: np.ndarray | None = None) -> np.ndarray:
         """(N_PAIRS, N_OPS, N_INPUTS, 2 * N_OPS) features of each table entry: its block ms and a count, per op kind."""
-        pairs, ops, inputs = self.block_table.shape
+        table = self.block_table if block_table is None else block_table
+        pairs, ops, inputs = table.shape
         phi = np.zeros((pairs, ops, inputs, 2 * N_OPS))
         for o in range(ops):
-            phi[:, o, :, o] = self.block_table[:, o, :]
+            phi[:, o, :, o] = table[:, o, :]
             phi[:, o, :, N_OPS + o] = 1.0
         return phi
 
-    def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray) -> "CalibratedPredictor":
+    def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray, groups: Groups | None = None) -> "CalibratedPredictor":
         """Fit the ridge model (alpha by leave-one-out CV) on encodings and measured latencies."""
         from sklearn.linear_model import RidgeCV
 
         y = np.asarray(latency_ms, dtype=float)
         if len(y) != len(x) or len(y) < 3:
             raise ValueError(f"need >= 3 measured networks with one latency each, got {len(x)} and {len(y)}")
-        phi = self.basis()
-        flat_phi = phi.reshape(-1, phi.shape[-1])
-        feats = flat_phi[flat_index(x)].sum(axis=1)  # (N, F)
+        # Each network's features come from the blocks of the cells it keeps (its depth's table).
+        n_feat = len(self.prior())
+        feats, fixed = np.zeros((len(y), n_feat)), np.zeros(len(y))
+        for rows, table, fixed_ms in self._groups(len(y), groups):
+            flat_phi = self.basis(np.asarray(table, dtype=float)).reshape(-1, n_feat)
+            feats[rows] = flat_phi[flat_index(x[rows])].sum(axis=1)  # (n, F)
+            fixed[rows] = fixed_ms
         # Regress the residual of the plain block sum, so the ridge penalty pulls towards "blocks add up"
         # (scale 1, no per-op cost) instead of towards zero latency when calibration networks are few.
         prior = self.prior()
-        resid = y - self.fixed_ms - feats @ prior
+        resid = y - fixed - feats @ prior
         scale = feats.std(axis=0)
         scale[scale == 0] = 1.0  # constant columns (e.g. counts fixed by the space) carry no information
         # Weights 1/y^2 make the squared error a relative one: the figures that matter are percentages.
@@ -87,6 +92,6 @@ class ScaledBlockSumPredictor(CalibratedPredictor):
         """Scale 1: the blocks add up."""
         return np.ones(1)
 
-    def basis(self) -> np.ndarray:
+    def basis(self, block_table: np.ndarray | None = None) -> np.ndarray:
         """One feature per table entry: its block latency."""
-        return self.block_table[..., None]
+        return (self.block_table if block_table is None else block_table)[..., None]

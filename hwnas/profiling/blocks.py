@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from hwnas.config import MacroConfig
-from hwnas.space.genotype import PAIRS_PER_CELL, STEPS, Genotype, reduction_layers
+from hwnas.space.genotype import PAIRS_PER_CELL, STEPS, Genotype, active_cells, reduction_layers
 from hwnas.space.network import STEM_MULTIPLIER, Network
 from hwnas.space.ops import GENOTYPE_OPS, create_op
 
@@ -100,6 +100,20 @@ def pair_tables(macro: MacroConfig, block_ms: dict[str, float], active: Sequence
                 for o, op in enumerate(GENOTYPE_OPS):
                     table[base + k, o, inp] += block_ms[pair_block(cell, op, inp).key]
     return table
+
+
+DepthTables = dict[tuple[int, ...], tuple[np.ndarray, float]]
+
+
+def depth_tables(macro: MacroConfig, blocks: dict[str, Any], depths: Sequence[tuple[int, ...]]) -> DepthTables:
+    """Block table and fixed latency per depth (full depth `()` always included) from a profile's blocks section."""
+    out: DepthTables = {}
+    for depth in [(), *depths]:
+        if depth not in out:
+            active = active_cells(macro, depth)
+            fixed = sum(ms for n, ms in blocks["fixed_ms"].items() if fixed_block_kept(n, active)) + blocks["overhead_ms"]
+            out[depth] = (pair_tables(macro, blocks["ops_ms"], active), float(fixed))
+    return out
 
 
 class _Head(nn.Module):

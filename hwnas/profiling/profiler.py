@@ -13,7 +13,7 @@ from torch import nn
 
 from hwnas.config import MacroConfig, ProfileConfig
 from hwnas.profiling import timer
-from hwnas.profiling.blocks import BlockSpec, fixed_blocks, op_blocks
+from hwnas.profiling.blocks import BlockSpec, DepthTables, depth_tables, fixed_blocks, op_blocks
 from hwnas.jsonio import atomic_write_json
 from hwnas.profiling.device_profile import DeviceProfile, read_json
 from hwnas.profiling.onnx_io import onnx_bytes
@@ -42,9 +42,11 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.json")
 
 
-def sample_sets(macro: MacroConfig, n_cal: int, n_val: int, seed: int) -> tuple[list[Genotype], list[Genotype]]:
-    """Random calibration and held-out validation genotypes, disjoint from each other and the sentinel."""
-    space, rng = SearchSpace(macro), np.random.default_rng(seed)
+def sample_sets(macro: MacroConfig, n_cal: int, n_val: int, seed: int,
+                depth: bool = False) -> tuple[list[Genotype], list[Genotype]]:
+    """Random calibration and held-out validation genotypes (of every depth if asked), disjoint from each other
+    and the sentinel."""
+    space, rng = SearchSpace(macro, depth=depth), np.random.default_rng(seed)
     seen = {sentinel_genotype(macro).arch_id}
     out: list[Genotype] = []
     while len(out) < n_cal + n_val:
@@ -135,7 +137,7 @@ def make_plan(cfg: ProfileConfig) -> Plan:
     """The deterministic measurement plan of `cfg` (same seed, same networks: what makes --resume possible)."""
     cfg = cfg.resolved()
     sentinel = sentinel_genotype(cfg.macro)
-    cal, val = sample_sets(cfg.macro, cfg.n_calibration, cfg.n_validation, cfg.seed)
+    cal, val = sample_sets(cfg.macro, cfg.n_calibration, cfg.n_validation, cfg.seed, depth=cfg.elastic_depth)
     return Plan(cfg, sentinel, op_blocks(cfg.macro), fixed_blocks(cfg.macro, sentinel), cal, val)
 
 
@@ -223,20 +225,22 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
     # A block's own cost is its session time minus the cost of running an empty graph.
     ops_ms = {b.key: max(lat[f"block:{b.key}"] - overhead, 0.0) for b in blocks}
     fixed_ms = {n: max(lat[f"fixed:{n}"] - overhead, 0.0) for n in fixed_names}
-    table = pair_tables(cfg.macro, ops_ms)
-    fixed_total = sum(fixed_ms.values()) + overhead
+    blocks_section = {"overhead_ms": overhead, "fixed_ms": fixed_ms, "ops_ms": ops_ms}
+    tables = depth_tables(cfg.macro, blocks_section, [g.depth for g in cal_ok + val_ok])
+    table, fixed_total = tables[()]
 
     x_cal = encode_all(cal_ok)
     y_cal = np.array([lat[f"cal:{g.arch_id}"] for g in cal_ok])
     x_val = encode_all(val_ok)
     y_a = np.array([lat_a[f"val:{g.arch_id}"] for g in val_ok])
     y_b = np.array([lat_b[f"val:{g.arch_id}"] for g in val_ok])
+    cal_groups = depth_groups([g.depth for g in cal_ok], tables)
     fitted, per_pred, cv = {}, {}, {}
     for name, cls in PREDICTORS.items():
-        pred = cls(table, fixed_total).fit_encoded(x_cal, y_cal)
+        pred = cls(table, fixed_total).fit_encoded(x_cal, y_cal, cal_groups)
         fitted[name] = pred.to_dict()
-        per_pred[name] = validation_figures(pred.predict_encoded(x_val), y_a, y_b)
-        cv[name] = cv_mape(cls, table, fixed_total, x_cal, y_cal, seed=cfg.seed)
+        per_pred[name] = validation_figures(predict_depths(pred, x_val, [g.depth for g in val_ok], tables), y_a, y_b)
+        cv[name] = cv_mape(cls, tables, x_cal, y_cal, [g.depth for g in cal_ok], seed=cfg.seed)
     default = min(cv, key=cv.get)  # chosen on the calibration set, so the held-out figures stay honest
     validation = {**per_pred[default], "predictor": default, "per_predictor": per_pred,
                   "cv_mape_calibration": cv, "compared_against": "each figure is the mean of the predictor vs measurement A (even rounds) and vs measurement B (odd rounds)"}
@@ -254,10 +258,11 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
     return DeviceProfile(
         name=cfg.device, device=device, macro=cfg.macro, validation=validation,
         sentinel={"arch": sentinel_g.to_dict(), "arch_id": sentinel_g.arch_id, "latency_ms": sent_ref},
-        blocks={"overhead_ms": overhead, "fixed_ms": fixed_ms, "ops_ms": ops_ms},
-        calibration=[{"arch_id": g.arch_id, "x": x.tolist(), "latency_ms": float(y)} for g, x, y in zip(cal_ok, x_cal, y_cal)],
-        validation_set=[{"arch_id": g.arch_id, "x": x.tolist(), "latency_ms_a": float(a), "latency_ms_b": float(b)}
-                        for g, x, a, b in zip(val_ok, x_val, y_a, y_b)],
+        blocks=blocks_section,
+        calibration=[{"arch_id": g.arch_id, "x": x.tolist(), "depth": list(g.stage_depth), "latency_ms": float(y)}
+                     for g, x, y in zip(cal_ok, x_cal, y_cal)],
+        validation_set=[{"arch_id": g.arch_id, "x": x.tolist(), "depth": list(g.stage_depth), "latency_ms_a": float(a),
+                         "latency_ms_b": float(b)} for g, x, a, b in zip(val_ok, x_val, y_a, y_b)],
         predictors=fitted, default_predictor=default,
         meta={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.measurement_key(),
               "quick": cfg.quick, "n_records": len(records)},
@@ -276,14 +281,33 @@ def validation_figures(pred: np.ndarray, meas_a: np.ndarray, meas_b: np.ndarray)
     return figs
 
 
-def cv_mape(cls: type, table: np.ndarray, fixed: float, x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> float:
+def depth_groups(depths: Sequence[tuple[int, ...]], tables: DepthTables) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """(rows, block table, fixed ms) per depth among `depths`: the `groups` of LatencyPredictor.fit_encoded."""
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for i, d in enumerate(depths):
+        rows.setdefault(d, []).append(i)
+    return [(np.asarray(r), *tables[d]) for d, r in rows.items()]
+
+
+def predict_depths(pred: Any, x: np.ndarray, depths: Sequence[tuple[int, ...]], tables: DepthTables) -> np.ndarray:
+    """Predictions of a full-depth predictor for encodings `x` whose networks have the given depths."""
+    out = np.empty(len(x))
+    for rows, table, fixed in depth_groups(depths, tables):
+        d = depths[rows[0]]
+        out[rows] = (pred.with_blocks(table, fixed, d) if d else pred).predict_encoded(x[rows])
+    return out
+
+
+def cv_mape(cls: type, tables: DepthTables, x: np.ndarray, y: np.ndarray, depths: Sequence[tuple[int, ...]],
+            folds: int = 5, seed: int = 0) -> float:
     """K-fold cross-validated MAPE (%) on the calibration set."""
     idx = np.random.default_rng(seed).permutation(len(y))
+    table, fixed = tables[()]
     errs = []
     for part in np.array_split(idx, min(folds, len(y))):
         train = np.setdiff1d(idx, part)
-        pred = cls(table, fixed).fit_encoded(x[train], y[train]).predict_encoded(x[part])
-        errs.append(np.abs(pred / y[part] - 1))
+        pred = cls(table, fixed).fit_encoded(x[train], y[train], depth_groups([depths[i] for i in train], tables))
+        errs.append(np.abs(predict_depths(pred, x[part], [depths[i] for i in part], tables) / y[part] - 1))
     return float(np.mean(np.concatenate(errs)) * 100)
 
 
