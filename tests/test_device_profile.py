@@ -156,6 +156,7 @@ def test_cli_predict_routes_each_resolution_to_its_profile(saved, tmp_path, tiny
 def test_shipped_profiles_load_and_use_the_current_timing():
     from hwnas.profiling import PROFILES_DIR
     from hwnas.profiling.timer import TimingConfig
+    from hwnas.space.genotype import MIN_STAGE_DEPTH, stage_depths
 
     paths = sorted(PROFILES_DIR.glob("*.json"))
     assert paths, f"no profiles shipped in {PROFILES_DIR}"
@@ -166,6 +167,10 @@ def test_shipped_profiles_load_and_use_the_current_timing():
         # with a different methodology than the one that built it.
         assert timing.paired and timing.combine == "median", f"{path.name} was timed with the earlier methodology"
         assert 0 < profile.validation["mape"] < 10 and profile.validation["n"] >= 30, path.name
+        # `hwnas run` searches depth too: its predictions for networks that drop cells must be fitted and validated.
+        depths = {tuple(e.get("depth", ())) for e in profile.calibration + profile.validation_set}
+        n_depths = int(np.prod([hi - lo + 1 for lo, hi in zip(MIN_STAGE_DEPTH, stage_depths(profile.macro))]))
+        assert len(depths) == n_depths, f"{path.name} holds networks of depths {sorted(depths)}, not every elastic depth"
 
 
 def test_reduced_depth_predictions_drop_the_cells_and_keep_the_fit():

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from hwnas.config import MacroConfig
-from hwnas.export import REPORT_NAME, export_front, format_table, load_report
+from hwnas.export import REPORT_NAME, export_front, exporter, format_table, load_report
 from hwnas.search.front import FrontMember, ParetoFront
 from hwnas.space import SearchSpace
 
@@ -83,6 +83,7 @@ def test_rescaling_and_noise_now_come_from_the_measurement(front: ParetoFront, t
 
     monkeypatch.setattr(profiler, "measure_genotypes", measure_genotypes)
     monkeypatch.setattr(profiler, "sentinel_scale", separate_timing)
+    monkeypatch.setattr(exporter.time, "sleep", lambda s: None)  # the sentinel is 1.25x: measured again
     sentinel = {"latency_ms": 0.2, "arch_id": profiler.sentinel_genotype(tiny_macro).arch_id}
     profile = SimpleNamespace(device={"threads": 1}, validation={"noise_ceiling_within_10pct": 1.0},
                               sentinel=sentinel, name="fake", macro=tiny_macro)
@@ -150,3 +151,29 @@ def test_out_dir_that_is_a_file(front: ParetoFront, tmp_path) -> None:
     with pytest.raises(ValueError, match="cannot write"):
         export_front(front, blocker, measure_fn=fake_measure)
     assert blocker.read_text() == "not a folder"  # nothing lost
+
+
+def test_a_drifted_device_is_measured_again_and_the_closest_attempt_kept(front: ParetoFront, tmp_path,
+                                                                         tiny_macro: MacroConfig, monkeypatch) -> None:
+    """Sentinel 1.5x its profiled latency: wait, measure again, keep the attempt taken in the profiled state."""
+    from hwnas.profiling import profiler
+
+    sentinels = iter([0.3, 0.21, 0.5])  # 1.5x, then 1.05x (within 10 %: no third attempt)
+    slept = []
+
+    def measure_genotypes(genotypes, threads, detailed, **kw):
+        sent = next(sentinels)
+        ms = np.array([1.0, 2.0])[: len(genotypes)] * sent / 0.2
+        return profiler.Measurement(ms, sent, ms, ms)
+
+    monkeypatch.setattr(profiler, "measure_genotypes", measure_genotypes)
+    monkeypatch.setattr(exporter.time, "sleep", slept.append)
+    sentinel = {"latency_ms": 0.2, "arch_id": profiler.sentinel_genotype(tiny_macro).arch_id}
+    profile = SimpleNamespace(device={"threads": 1}, validation={"noise_ceiling_within_10pct": 1.0},
+                              sentinel=sentinel, name="fake", macro=tiny_macro)
+    report = export_front(front, tmp_path, profile=profile)
+    assert slept == [exporter.DRIFT_WAIT_S]
+    assert [r["measured_latency_ms"] for r in report["members"]] == pytest.approx([1.05, 2.1])
+    assert report["summary"]["sentinel"][0]["attempts"] == [1.5, 1.05]
+    assert report["summary"]["sentinel"][0]["scale"] == pytest.approx(1.05)
+

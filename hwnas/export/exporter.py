@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Collection
 
@@ -22,36 +23,69 @@ REPORT_VERSION = 1
 REPORT_NAME = "export_report.json"
 MAX_ABS_DIFF = 1e-4  # onnxruntime vs PyTorch on the same float32 input
 LATENCY_TOLERANCE = 0.10  # "measured within +-10 % of predicted"
+DRIFT_RETRIES = 2  # re-measurements of a macro's networks while its sentinel is > 10 % off the profiled one
+DRIFT_WAIT_S = 45.0  # pause before each: the slow phases seen on shared hosts last seconds to minutes
 VERIFY_BATCH = 3  # != the export batch of 1, so the dynamic batch axis is exercised
 MeasureFn = Callable[[list[Genotype]], np.ndarray]
 ScaleFn = Callable[[Any], tuple[float, float]]  # profile -> (sentinel now / at profiling, sentinel ms now)
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
-def _default_measure(threads: int, profile: Any = None) -> MeasureFn:
+def _default_measure(threads: int, profiles: dict[Any, Any] | None = None, drift_retries: int = DRIFT_RETRIES,
+                     drift_wait_s: float = DRIFT_WAIT_S) -> MeasureFn:
     """Latency (ms) with the profiling methodology of hwnas.profiling.profiler and the profile's runs and rounds.
 
     Always the interleaved, paired timing, also for profiles written before it existed: under bursts of
     interference it agrees with their predictions where the earlier timing did not (benchmarks/latency_noise.py).
+    When the sentinel shows the device more than 10 % off its state at profiling (another job slowing the
+    cores for minutes, say), the macro's networks are measured again after `drift_wait_s`, up to
+    `drift_retries` times; the attempt whose sentinel is closest to the profile's is kept, and every
+    attempt's sentinel ratio is reported.
     """
-    from hwnas.profiling.profiler import measure_genotypes
+    from hwnas.profiling import profiler
 
-    timing = dict((profile.device.get("timing") or {}) if profile is not None else {})
+    profiles = profiles or {}
+    first = next(iter(profiles.values()), None)
+    timing = dict((first.device.get("timing") or {}) if first is not None else {})
     kwargs = {k: timing[k] for k in ("rounds", "runs", "warmup", "optimization_level") if k in timing}
+
+    def drift(macro: Any, m: Any) -> float | None:
+        """log of sentinel now / at profiling, or None when the profile's sentinel cannot be compared."""
+        profile = profiles.get(macro)
+        if profile is None or not profiler.has_repeatable_sentinel(profile) or not np.isfinite(m.sentinel_ms):
+            return None
+        return math.log(m.sentinel_ms / float(profile.sentinel["latency_ms"]))
 
     def measure(genotypes: list[Genotype]) -> np.ndarray:
         out, halves = np.empty(len(genotypes)), np.empty((2, len(genotypes)))
         for macro, rows in _rows_by_macro(genotypes).items():  # each macro has its own sentinel network
-            m = measure_genotypes([genotypes[i] for i in rows], threads=threads, detailed=True, **kwargs)
+            group = [genotypes[i] for i in rows]
+            best, attempts = None, []
+            for attempt in range(drift_retries + 1):
+                if attempt:
+                    log.warning("resolution %d: sentinel %.2fx its profiled latency (device busier or slower than at "
+                                "profiling); measuring again in %.0f s", macro.resolution, math.exp(attempts[-1]), drift_wait_s)
+                    time.sleep(drift_wait_s)
+                m = profiler.measure_genotypes(group, threads=threads, detailed=True, **kwargs)
+                d = drift(macro, m)
+                if best is None or (d is not None and abs(d) < abs(best[1])):
+                    best = (m, d if d is not None else 0.0)
+                if d is None:
+                    break
+                attempts.append(d)
+                if abs(d) <= math.log1p(LATENCY_TOLERANCE):
+                    break
+            m = best[0]
             out[rows], halves[0, rows], halves[1, rows] = m.ms, m.ms_a, m.ms_b
             measure.sentinel_ms[macro] = m.sentinel_ms
+            measure.attempts[macro] = [round(math.exp(d), 4) for d in attempts]
         measure.halves = halves
         return out
 
     # The sentinel level seen while measuring, per macro: the profile's own statistic over every round, so the
     # rescaling needs no separate (and, during a burst from another tenant, misleading) sentinel timing.
     # The even- and odd-round halves are two independent measurements: their agreement is the noise now.
-    measure.sentinel_ms, measure.halves = {}, None
+    measure.sentinel_ms, measure.halves, measure.attempts = {}, None, {}
     return measure
 
 
@@ -183,7 +217,7 @@ def export_front(
     measure_error = None
     if measure and rows:
         try:
-            fn = measure_fn or _default_measure(threads, first)
+            fn = measure_fn or _default_measure(threads, profiles)
             measured = np.asarray(fn([m.genotype for m in front.members]), dtype=float).reshape(-1)
             if measured.shape != (n,):
                 raise ValueError(f"measurement returned {measured.size} values for {n} models")
@@ -198,7 +232,8 @@ def export_front(
     sentinel, noise_now = None, None
     if measure and measure_error is None and rows:
         seen = {} if scale_fn is not None else getattr(fn, "sentinel_ms", {})
-        sentinel = _sentinel_rescale(rows, [m.genotype for m in front.members], profiles, scale_fn, seen)
+        sentinel = _sentinel_rescale(rows, [m.genotype for m in front.members], profiles, scale_fn, seen,
+                                     getattr(fn, "attempts", {}))
         noise_now = _noise_now(getattr(fn, "halves", None))
     for row in rows:
         row["passed"] = not row["errors"]
@@ -210,8 +245,12 @@ def export_front(
 
 
 def _sentinel_rescale(rows: list[dict], genotypes: list[Genotype], profiles: dict[Any, Any],
-                      scale_fn: ScaleFn | None, seen: dict[Any, float]) -> list[dict[str, Any]] | None:
-    """Each profile's sentinel now (`seen` while measuring, else timed); add the rescaled prediction to its rows."""
+                      scale_fn: ScaleFn | None, seen: dict[Any, float],
+                      attempts: dict[Any, list[float]] | None = None) -> list[dict[str, Any]] | None:
+    """Each profile's sentinel now (`seen` while measuring, else timed); add the rescaled prediction to its rows.
+
+    `attempts`: per macro, the sentinel ratio of every measurement attempt (when the device drifted).
+    """
     if not profiles:
         return None
     from hwnas.profiling.profiler import has_repeatable_sentinel
@@ -240,6 +279,8 @@ def _sentinel_rescale(rows: list[dict], genotypes: list[Genotype], profiles: dic
                 row["latency_ratio_rescaled"] = row["measured_latency_ms"] / row["predicted_rescaled_ms"]
         out.append({"profile": profile.name, "resolution": macro.resolution, "scale": scale, "now_ms": now,
                     "profile_ms": float(profile.sentinel["latency_ms"])})
+        if attempts and len(attempts.get(macro, [])) > 1:
+            out[-1]["attempts"] = attempts[macro]
     return out or None
 
 
