@@ -267,9 +267,21 @@ def _load_archs(paths: Sequence[str]) -> list:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    """Measure this device and write a profile with its validation figures."""
+    """Measure this device and write a profile with its validation figures (--refit: fit again, no timing)."""
     from hwnas.config import DEFAULT_MACRO, ProfileConfig
     from hwnas.profiling.profiler import profile_device
+
+    if args.refit:
+        from hwnas.profiling.device_profile import DeviceProfile
+        from hwnas.profiling.profiler import refit_profile
+
+        profile = refit_profile(DeviceProfile.load(args.refit))
+        profile.save(args.out or args.refit)
+        v = profile.validation
+        print(json.dumps({"profile": str(args.out or args.refit), "refitted": True, "validation": {
+            k: v[k] for k in ("predictor", "n", "mape", "within_5pct", "within_10pct", "spearman", "noise_ceiling_within_10pct")}},
+            indent=2))
+        return 0
 
     if args.device is None:
         from hwnas.profiling.fingerprint import device_slug
@@ -312,6 +324,9 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-validation", type=int, default=None)
     p.add_argument("--runs", type=int, default=None, help="timed runs per session")
     p.add_argument("--rounds", type=int, default=None, help="interleaved fresh-session rounds (>= 2)")
+    p.add_argument("--refit", default=None, metavar="PROFILE",
+                   help="fit the predictors of PROFILE again from the measurements it stores (no timing); "
+                        "writes PROFILE, or --out")
     p.set_defaults(handler=_profile)
 
 

@@ -25,6 +25,22 @@ def encode_all(genotypes: Sequence[Genotype]) -> np.ndarray:
     return out
 
 
+_SKIP = GENOTYPE_OPS.index("skip_connect")
+REDUCE_CELLS = 2  # never dropped by the elastic depth
+
+
+def shared_factorized_reduce(x: np.ndarray) -> np.ndarray:
+    """(N,) per encoding: stride-2 skip edges (FactorizedReduce) of the reduce cell beyond the first per input.
+
+    Several FactorizedReduce edges reading one cell input run much cheaper together than their isolated
+    blocks add up to (onnxruntime shares work between them), an interaction a per-block sum cannot see.
+    """
+    x = np.asarray(x)
+    ops, inputs = x[:, N_PAIRS:][:, 0::2], x[:, N_PAIRS:][:, 1::2]  # reduce cell pairs
+    per_input = [((ops == _SKIP) & (inputs == j)).sum(axis=1) for j in (0, 1)]
+    return REDUCE_CELLS * sum(np.maximum(n - 1, 0) for n in per_input).astype(float)
+
+
 def flat_index(x: np.ndarray) -> np.ndarray:
     """(N, N_PAIRS) positions in the flattened (pair, op, input) table of encodings `x`."""
     x = np.asarray(x)
@@ -98,7 +114,9 @@ class LatencyPredictor:
         """Predicted latency (ms) from integer encodings (N, 32): a table lookup and a row sum."""
         if not hasattr(self, "table_"):
             raise ValueError(f"predictor {self.name!r} is not fitted; call fit() or load it from a profile")
-        return self.intercept_ + self.table_.ravel()[flat_index(x)].sum(axis=1)
+        out = self.intercept_ + self.table_.ravel()[flat_index(x)].sum(axis=1)
+        shared = float(getattr(self, "shared_fr_ms_", 0.0))
+        return out + shared * shared_factorized_reduce(x) if shared else out
 
     def to_dict(self) -> dict[str, Any]:
         """The fitted parameters for the profile file (the table is what `predict` uses)."""
@@ -107,6 +125,7 @@ class LatencyPredictor:
             "intercept_ms": float(self.intercept_),
             "table_ms": np.round(self.table_, 7).tolist(),
             "coef": [float(c) for c in getattr(self, "coef_", [])],
+            "shared_factorized_reduce_ms": float(getattr(self, "shared_fr_ms_", 0.0)),
         }
 
     @classmethod
@@ -122,4 +141,5 @@ class LatencyPredictor:
             raise ValueError(f"predictor {cls.name!r}: table_ms has shape {table.shape}, expected {(N_PAIRS, N_OPS, N_INPUTS)}")
         pred.table_, pred.intercept_ = table, intercept
         pred.coef_ = np.asarray(data.get("coef", []), dtype=float)
+        pred.shared_fr_ms_ = float(data.get("shared_factorized_reduce_ms", 0.0))  # absent in older profiles
         return pred

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hwnas.predictors.base import Groups, LatencyPredictor, flat_index
+from hwnas.predictors.base import Groups, LatencyPredictor, flat_index, shared_factorized_reduce
 from hwnas.profiling.blocks import N_OPS
 
 
@@ -59,20 +59,22 @@ class CalibratedPredictor(LatencyPredictor):
             raise ValueError(f"need >= 3 measured networks with one latency each, got {len(x)} and {len(y)}")
         # Each network's features come from the blocks of the cells it keeps (its depth's table).
         n_feat = len(self.prior())
-        feats, fixed = np.zeros((len(y), n_feat)), np.zeros(len(y))
+        feats, fixed = np.zeros((len(y), n_feat + 1)), np.zeros(len(y))
         for rows, table, fixed_ms in self._groups(len(y), groups):
             flat_phi = self.basis(np.asarray(table, dtype=float)).reshape(-1, n_feat)
-            feats[rows] = flat_phi[flat_index(x[rows])].sum(axis=1)  # (n, F)
+            feats[rows, :n_feat] = flat_phi[flat_index(x[rows])].sum(axis=1)  # (n, F)
             fixed[rows] = fixed_ms
+        feats[:, n_feat] = shared_factorized_reduce(x)  # the one interaction between blocks that matters
         # Regress the residual of the plain block sum, so the ridge penalty pulls towards "blocks add up"
-        # (scale 1, no per-op cost) instead of towards zero latency when calibration networks are few.
-        prior = self.prior()
+        # (scale 1, no per-op cost, no sharing) instead of towards zero latency when calibration networks are few.
+        prior = np.append(self.prior(), 0.0)
         resid = y - fixed - feats @ prior
         scale = feats.std(axis=0)
         scale[scale == 0] = 1.0  # constant columns (e.g. counts fixed by the space) carry no information
         # Weights 1/y^2 make the squared error a relative one: the figures that matter are percentages.
         model = RidgeCV(alphas=self.alphas).fit(feats / scale, resid, sample_weight=1.0 / y**2)
-        self.coef_ = prior + model.coef_ / scale
+        coef = prior + model.coef_ / scale
+        self.coef_, self.shared_fr_ms_ = coef[:-1], float(coef[-1])
         self.alpha_ = float(model.alpha_)
         self.intercept_ = self.fixed_ms + float(model.intercept_)
         self.table_ = self.table_from_coef()

@@ -206,8 +206,7 @@ def timing_config(cfg: ProfileConfig) -> timer.TimingConfig:
 
 def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprint: dict[str, Any]) -> DeviceProfile:
     """Turn timing records into a DeviceProfile: block tables, measured sets, fitted predictors, validation."""
-    from hwnas.predictors import PREDICTORS, encode_all
-    from hwnas.profiling.blocks import pair_tables
+    from hwnas.predictors import encode_all
 
     cfg, blocks, fixed_names = plan.cfg, plan.blocks, list(plan.fixed)
     cal, val, sentinel_g, tcfg = plan.calibration, plan.validation, plan.sentinel, timing_config(plan.cfg)
@@ -226,24 +225,10 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
     ops_ms = {b.key: max(lat[f"block:{b.key}"] - overhead, 0.0) for b in blocks}
     fixed_ms = {n: max(lat[f"fixed:{n}"] - overhead, 0.0) for n in fixed_names}
     blocks_section = {"overhead_ms": overhead, "fixed_ms": fixed_ms, "ops_ms": ops_ms}
-    tables = depth_tables(cfg.macro, blocks_section, [g.depth for g in cal_ok + val_ok])
-    table, fixed_total = tables[()]
-
-    x_cal = encode_all(cal_ok)
     y_cal = np.array([lat[f"cal:{g.arch_id}"] for g in cal_ok])
-    x_val = encode_all(val_ok)
     y_a = np.array([lat_a[f"val:{g.arch_id}"] for g in val_ok])
     y_b = np.array([lat_b[f"val:{g.arch_id}"] for g in val_ok])
-    cal_groups = depth_groups([g.depth for g in cal_ok], tables)
-    fitted, per_pred, cv = {}, {}, {}
-    for name, cls in PREDICTORS.items():
-        pred = cls(table, fixed_total).fit_encoded(x_cal, y_cal, cal_groups)
-        fitted[name] = pred.to_dict()
-        per_pred[name] = validation_figures(predict_depths(pred, x_val, [g.depth for g in val_ok], tables), y_a, y_b)
-        cv[name] = cv_mape(cls, tables, x_cal, y_cal, [g.depth for g in cal_ok], seed=cfg.seed)
-    default = min(cv, key=cv.get)  # chosen on the calibration set, so the held-out figures stay honest
-    validation = {**per_pred[default], "predictor": default, "per_predictor": per_pred,
-                  "cv_mape_calibration": cv, "compared_against": "each figure is the mean of the predictor vs measurement A (even rounds) and vs measurement B (odd rounds)"}
+    fitted, default, validation = fit_predictors(cfg.macro, blocks_section, cal_ok, y_cal, val_ok, y_a, y_b, cfg.seed)
 
     device = {
         "name": cfg.device, **fingerprint, "provider": "CPUExecutionProvider",
@@ -260,13 +245,61 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
         sentinel={"arch": sentinel_g.to_dict(), "arch_id": sentinel_g.arch_id, "latency_ms": sent_ref},
         blocks=blocks_section,
         calibration=[{"arch_id": g.arch_id, "x": x.tolist(), "depth": list(g.stage_depth), "latency_ms": float(y)}
-                     for g, x, y in zip(cal_ok, x_cal, y_cal)],
+                     for g, x, y in zip(cal_ok, encode_all(cal_ok), y_cal)],
         validation_set=[{"arch_id": g.arch_id, "x": x.tolist(), "depth": list(g.stage_depth), "latency_ms_a": float(a),
-                         "latency_ms_b": float(b)} for g, x, a, b in zip(val_ok, x_val, y_a, y_b)],
+                         "latency_ms_b": float(b)} for g, x, a, b in zip(val_ok, encode_all(val_ok), y_a, y_b)],
         predictors=fitted, default_predictor=default,
         meta={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.measurement_key(),
               "quick": cfg.quick, "n_records": len(records)},
     )
+
+
+def fit_predictors(macro: MacroConfig, blocks_section: dict[str, Any], cal: Sequence[Genotype], y_cal: np.ndarray,
+                   val: Sequence[Genotype], y_a: np.ndarray, y_b: np.ndarray,
+                   seed: int = 0) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Every predictor fitted on the calibration networks and validated on the held-out ones (two measurements).
+
+    Returns (fitted parameters by name, the default chosen by cross-validated error, the validation block).
+    """
+    from hwnas.predictors import PREDICTORS, encode_all
+
+    tables = depth_tables(macro, blocks_section, [g.depth for g in [*cal, *val]])
+    table, fixed_total = tables[()]
+    x_cal, x_val = encode_all(cal), encode_all(val)
+    cal_groups = depth_groups([g.depth for g in cal], tables)
+    fitted, per_pred, cv = {}, {}, {}
+    for name, cls in PREDICTORS.items():
+        pred = cls(table, fixed_total).fit_encoded(x_cal, y_cal, cal_groups)
+        fitted[name] = pred.to_dict()
+        per_pred[name] = validation_figures(predict_depths(pred, x_val, [g.depth for g in val], tables), y_a, y_b)
+        cv[name] = cv_mape(cls, tables, x_cal, y_cal, [g.depth for g in cal], seed=seed)
+    default = min(cv, key=cv.get)  # chosen on the calibration set, so the held-out figures stay honest
+    validation = {**per_pred[default], "predictor": default, "per_predictor": per_pred,
+                  "cv_mape_calibration": cv, "compared_against": "each figure is the mean of the predictor vs measurement A (even rounds) and vs measurement B (odd rounds)"}
+    return fitted, default, validation
+
+
+def refit_profile(profile: DeviceProfile) -> DeviceProfile:
+    """The profile with its predictors fitted again from the measurements it stores (no timing): what a newer
+    hwnas predictor makes of the same records."""
+    from dataclasses import replace
+
+    space = SearchSpace(profile.macro)
+
+    def genotypes(entries: list[dict[str, Any]]) -> list[Genotype]:
+        return [replace(space.decode(e["x"]), depth=tuple(e.get("depth", ()))) for e in entries]
+
+    try:
+        cal, val = genotypes(profile.calibration), genotypes(profile.validation_set)
+        y_cal = np.array([e["latency_ms"] for e in profile.calibration], dtype=float)
+        y_a = np.array([e["latency_ms_a"] for e in profile.validation_set], dtype=float)
+        y_b = np.array([e["latency_ms_b"] for e in profile.validation_set], dtype=float)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"profile {profile.name!r}: stored measurements are incomplete ({err})") from None
+    fitted, default, validation = fit_predictors(profile.macro, profile.blocks, cal, y_cal, val, y_a, y_b,
+                                                 int(profile.meta.get("config", {}).get("seed", 0)))
+    meta = {**profile.meta, "refitted": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return replace(profile, predictors=fitted, default_predictor=default, validation=validation, meta=meta)
 
 
 def validation_figures(pred: np.ndarray, meas_a: np.ndarray, meas_b: np.ndarray) -> dict[str, Any]:
