@@ -207,3 +207,25 @@ def test_reduced_depth_predictions_drop_the_cells_and_keep_the_fit():
     np.testing.assert_allclose(routed, [create_predictor(profile).predict([g])[0], create_predictor(profile, depth=(1, 0, 1)).predict([shallow])[0]])
     with pytest.raises(ValueError, match=r"depth\[1\] = 2"):
         create_predictor(profile, depth=(1, 2, 1))
+
+
+def test_refit_reproduces_the_fit_from_the_stored_measurements(tmp_path):
+    """`hwnas profile --refit`: the same records give the same predictors and validation, without timing."""
+    from hwnas.cli import main
+    from hwnas.profiling.profiler import refit_profile
+
+    profile = synthetic_profile(MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=10))
+    again = refit_profile(profile)
+    assert again.default_predictor == profile.default_predictor
+    assert again.validation["mape"] == pytest.approx(profile.validation["mape"], rel=1e-6)
+    for name, params in profile.predictors.items():
+        np.testing.assert_allclose(again.predictors[name]["table_ms"], params["table_ms"], atol=1e-6)
+    path = tmp_path / "p.json"
+    profile.save(path)
+    assert main(["profile", "--refit", str(path), "--out", str(tmp_path / "q.json")]) == 0
+    assert DeviceProfile.load(tmp_path / "q.json").meta["refitted"]
+    broken = profile.to_dict()
+    broken["calibration"][0].pop("latency_ms")
+    (tmp_path / "b.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="stored measurements are incomplete"):
+        refit_profile(DeviceProfile.load(tmp_path / "b.json"))

@@ -135,3 +135,26 @@ def test_fit_on_networks_of_every_depth_recovers_the_scale(rng):
 def slow_blocksum_table(table, genotype):
     """Sum of a genotype's entries in a summed (pair, op, input) table."""
     return float(table.ravel()[flat_index(encode_all([genotype]))].sum())
+
+
+def test_shared_factorized_reduce_counts_extra_stride2_skips_per_input_and_is_fitted(tiny_macro, rng, block_ms):
+    from hwnas.predictors.base import shared_factorized_reduce
+    from hwnas.space import Genotype
+
+    normal = [("sep_conv_3x3", 0), ("sep_conv_3x3", 1)] * 4
+    # reduce cell: skip_connect reads input 0 in nodes 0, 1, 2 and input 1 in nodes 0 and 3 -> 2 + 1 extra
+    reduce = [("skip_connect", 0), ("skip_connect", 1), ("skip_connect", 0), ("max_pool_3x3", 2),
+              ("skip_connect", 0), ("avg_pool_3x3", 3), ("skip_connect", 1), ("sep_conv_3x3", 4)]
+    g = Genotype(tuple(normal), tuple(reduce), tiny_macro)
+    assert shared_factorized_reduce(encode_all([g])).tolist() == [2 * 3]  # both reduce cells
+    space = SearchSpace(tiny_macro)
+    gs = [space.sample(rng) for _ in range(120)]
+    table = pair_tables(tiny_macro, block_ms)
+    x = encode_all(gs)
+    truth = BlockSumPredictor(table, 0.1).fit([], [])
+    y = truth.predict_encoded(x) - 0.004 * shared_factorized_reduce(x)
+    pred = CalibratedPredictor(table, 0.1).fit_encoded(x[:80], y[:80])
+    assert pred.shared_fr_ms_ == pytest.approx(-0.004, rel=0.05)
+    np.testing.assert_allclose(pred.predict_encoded(x[80:]), y[80:], rtol=0.01)
+    again = CalibratedPredictor.from_dict(pred.to_dict(), table, 0.1)
+    np.testing.assert_allclose(again.predict_encoded(x[80:]), pred.predict_encoded(x[80:]), rtol=1e-6)
