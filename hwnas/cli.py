@@ -346,7 +346,7 @@ def _predict(args: argparse.Namespace) -> int:
     """Predicted latency (ms) of each architecture file; each macro (input resolution) uses its own profile."""
     import numpy as np
 
-    from hwnas.predictors import create_predictor
+    from hwnas.predictors import ByMacroPredictor
     from hwnas.profiling.device_profile import DeviceProfile
 
     genotypes = _load_archs(args.arch)
@@ -361,11 +361,10 @@ def _predict(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.arch[rows[0]]}: macro {macro.to_dict()} is not the macro of any --profile "
                                  f"({', '.join(str(p.macro.to_dict()) for p in given)})")
             profile = DeviceProfile.load(_resolve_profile(None, macro), expected_macro=macro)
-        for depth in dict.fromkeys(genotypes[i].depth for i in rows):  # elastic depth: one table per depth
-            same = [i for i in rows if genotypes[i].depth == depth]
-            pred = create_predictor(profile, args.predictor, depth=depth)
-            ms[same] = pred.predict([genotypes[i] for i in same])
-        entry: dict[str, Any] = {"profile": profile.name, "resolution": macro.resolution, "predictor": pred.name,
+        # ByMacroPredictor gives each elastic depth its own table from this profile.
+        ms[rows] = ByMacroPredictor.from_profiles([profile], args.predictor).predict([genotypes[i] for i in rows])
+        entry: dict[str, Any] = {"profile": profile.name, "resolution": macro.resolution,
+                                 "predictor": args.predictor or profile.default_predictor,
                                  "validation_mape": profile.validation.get("mape")}
         if args.rescale:
             from hwnas.profiling.profiler import sentinel_scale

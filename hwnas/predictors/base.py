@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from hwnas.profiling.blocks import N_INPUTS, N_OPS, N_PAIRS
+from hwnas.profiling.blocks import N_INPUTS, N_OPS, N_PAIRS, depth_groups
 from hwnas.space.genotype import Genotype
 from hwnas.space.ops import GENOTYPE_OPS
 
@@ -62,18 +62,12 @@ class LatencyPredictor:
     def fit(self, genotypes: Sequence[Genotype], latency_ms: np.ndarray,
             depth_tables: Mapping[tuple[int, ...], tuple[np.ndarray, float]] | None = None) -> "LatencyPredictor":
         """Fit on measured whole networks; those of another depth need depth_tables[depth] = (block_table, fixed_ms)."""
-        by_depth: dict[tuple[int, ...], list[int]] = {}
-        for i, g in enumerate(genotypes):
-            by_depth.setdefault(g.depth, []).append(i)
-        groups = []
-        for depth, rows in by_depth.items():
-            if depth == self.depth:
-                groups.append((np.asarray(rows), self.block_table, self.fixed_ms))
-            elif depth_tables is None or depth not in depth_tables:
-                raise ValueError(f"architectures of depth {list(depth)} need their block table in depth_tables")
-            else:
-                groups.append((np.asarray(rows), *depth_tables[depth]))
-        return self.fit_encoded(encode_all(genotypes), np.asarray(latency_ms, dtype=float), groups)
+        tables = {**(depth_tables or {}), self.depth: (self.block_table, self.fixed_ms)}
+        depths = [g.depth for g in genotypes]
+        missing = next((d for d in depths if d not in tables), None)
+        if missing is not None:
+            raise ValueError(f"architectures of depth {list(missing)} need their block table in depth_tables")
+        return self.fit_encoded(encode_all(genotypes), np.asarray(latency_ms, dtype=float), depth_groups(depths, tables))
 
     def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray, groups: Groups | None = None) -> "LatencyPredictor":
         """Fit on integer encodings (N, 32); `groups` = (rows, block_table, fixed_ms) for rows of other depths."""

@@ -116,6 +116,14 @@ def depth_tables(macro: MacroConfig, blocks: dict[str, Any], depths: Sequence[tu
     return out
 
 
+def depth_groups(depths: Sequence[tuple[int, ...]], tables: DepthTables) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """(rows, block table, fixed ms) per depth among `depths`: the `groups` of LatencyPredictor.fit_encoded."""
+    rows: dict[tuple[int, ...], list[int]] = {}
+    for i, d in enumerate(depths):
+        rows.setdefault(d, []).append(i)
+    return [(np.asarray(r), *tables[d]) for d, r in rows.items()]
+
+
 class _Head(nn.Module):
     """Global pooling + classifier, the network's fixed tail."""
 

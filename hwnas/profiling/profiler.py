@@ -13,7 +13,7 @@ from torch import nn
 
 from hwnas.config import MacroConfig, ProfileConfig
 from hwnas.profiling import timer
-from hwnas.profiling.blocks import BlockSpec, DepthTables, depth_tables, fixed_blocks, op_blocks
+from hwnas.profiling.blocks import BlockSpec, DepthTables, depth_groups, depth_tables, fixed_blocks, op_blocks
 from hwnas.jsonio import atomic_write_json
 from hwnas.profiling.device_profile import DeviceProfile, read_json
 from hwnas.profiling.onnx_io import onnx_bytes
@@ -312,14 +312,6 @@ def validation_figures(pred: np.ndarray, meas_a: np.ndarray, meas_b: np.ndarray)
     figs.update(noise_ceiling(meas_a, meas_b))
     figs["latency_range_ms"] = [float(np.min(meas_a)), float(np.max(meas_a))]
     return figs
-
-
-def depth_groups(depths: Sequence[tuple[int, ...]], tables: DepthTables) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """(rows, block table, fixed ms) per depth among `depths`: the `groups` of LatencyPredictor.fit_encoded."""
-    rows: dict[tuple[int, ...], list[int]] = {}
-    for i, d in enumerate(depths):
-        rows.setdefault(d, []).append(i)
-    return [(np.asarray(r), *tables[d]) for d, r in rows.items()]
 
 
 def predict_depths(pred: Any, x: np.ndarray, depths: Sequence[tuple[int, ...]], tables: DepthTables) -> np.ndarray:
