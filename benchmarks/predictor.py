@@ -184,12 +184,12 @@ def main() -> None:
         scaled = {k: (agreement(scaled_a, meas_a)[k] + agreement(scaled_b, meas_b)[k]) / 2 for k in ("mape", "within_5pct", "within_10pct")}
         predictors[name] = {"vs_one_measurement": raw, "sentinel_scaled": scaled}
 
+    default_pred = ByMacroPredictor.from_profiles([profile]).predict(genotypes)  # every depth, the default predictor
     by_depth = {}
     if args.depth:
-        p = ByMacroPredictor.from_profiles([profile]).predict(genotypes)
         for depth in sorted({g.stage_depth for g in genotypes}):
             rows = [i for i, g in enumerate(genotypes) if g.stage_depth == depth]
-            figs = [agreement(p[rows], m[rows]) for m in (meas_a, meas_b)]
+            figs = [agreement(default_pred[rows], m[rows]) for m in (meas_a, meas_b)]
             by_depth[str(list(depth))] = {"n": len(rows), "median_measured_ms": float(np.median(meas[rows])),
                                           **{k: (figs[0][k] + figs[1][k]) / 2 for k in ("mape", "within_10pct")}}
     fl = np.array([flops(g) for g in genotypes])
@@ -209,7 +209,7 @@ def main() -> None:
         "default_predictor": profile.default_predictor,
         "predictors": predictors,
         "spearman_vs_measured": {
-            "predictor": float(spearmanr(ByMacroPredictor.from_profiles([profile]).predict(genotypes), meas).statistic),
+            "predictor": float(spearmanr(default_pred, meas).statistic),
             "flops": float(spearmanr(fl, meas).statistic),
             "params": float(spearmanr(params, meas).statistic),
         },
