@@ -114,7 +114,8 @@ def run_dir_figures(run_dir: Path) -> dict:
         if cands:
             f = max(cands, key=lambda r: r["test_accuracy"])
             fast = {"arch_id": f["arch_id"], "speedup_measured": best["measured_latency_ms"] / f["measured_latency_ms"],
-                    "accuracy_loss_points": 100 * (best["test_accuracy"] - f["test_accuracy"])}
+                    "accuracy_loss_points": 100 * (best["test_accuracy"] - f["test_accuracy"]),
+                    "test_accuracy_seeds": f.get("test_accuracy_seeds")}
     s = report["summary"]
     return {
         "members": s["n"], "passed_all_checks": s["n_passed"], "max_abs_diff": s["max_abs_diff"],
@@ -124,7 +125,9 @@ def run_dir_figures(run_dir: Path) -> dict:
         "noise_now_within_10pct": s.get("noise_now_within_10pct"),
         "latency_ratio_median": float(np.median([r["latency_ratio"] for r in rows if r["latency_ratio"]])) if rows else None,
         "trained_members": len(trained), "train_epochs": report["train_epochs"],
+        "train_seeds": report.get("train_seeds", 1),
         "best_test_accuracy": best["test_accuracy"] if best else None,
+        "best_test_accuracy_seeds": best.get("test_accuracy_seeds") if best else None,
         "best_member": best["arch_id"] if best else None,
         "fast_member_2x": fast,
         "trained_latency_span": (max(r["measured_latency_ms"] for r in trained) / min(r["measured_latency_ms"] for r in trained))

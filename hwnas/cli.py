@@ -450,6 +450,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default=None, help="architecture JSON file")
     p.add_argument("--out", default=None, help="ONNX file to write (with --arch) or output folder (with DIR)")
     p.add_argument("--train-epochs", type=int, default=0, help="with DIR: train each member stand-alone first")
+    p.add_argument("--train-seeds", type=int, default=1,
+                   help="with DIR and --train-epochs: train each member with this many seeds; report the mean test accuracy")
     p.add_argument("--profile", default=None, action="append",
                    help="with DIR: device profile, repeated for each input resolution (default: the ones the search used)")
     p.add_argument("--threads", type=int, default=None, help="with DIR: onnxruntime threads for re-measuring")

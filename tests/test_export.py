@@ -112,6 +112,37 @@ def test_failing_member_is_reported_not_dropped(front: ParetoFront, tmp_path, ti
     assert "FAIL" in format_table(report)
 
 
+def test_several_training_seeds_report_the_mean_and_export_the_first_run(front: ParetoFront, tmp_path,
+                                                                         tiny_macro: MacroConfig) -> None:
+    from hwnas.profiling.onnx_io import verify_onnx
+    from hwnas.space import Network
+
+    calls, nets = [], {}
+
+    def train(genotype, data, epochs, seed):
+        calls.append((genotype.arch_id, seed))
+        torch.manual_seed(100 + seed)
+        nets[(genotype.arch_id, seed)] = net = Network(genotype)  # distinct weights per seed
+        return net, {3: 0.8, 4: 0.9, 5: 1.0}[seed]
+
+    x = torch.rand(4, tiny_macro.in_channels, tiny_macro.resolution, tiny_macro.resolution)
+    data = SimpleNamespace(test=TensorDataset(x, torch.zeros(4, dtype=torch.long)))
+    trained = front.members[0].arch_id
+    report = export_front(front, tmp_path, train_epochs=2, data=data, train_fn=train, measure_fn=fake_measure,
+                          seed=3, train_seeds=3, train_ids={trained})
+    assert calls == [(trained, 3), (trained, 4), (trained, 5)]
+    row, untrained = report["members"]
+    assert row["test_accuracy_seeds"] == [0.8, 0.9, 1.0] and row["test_accuracy"] == pytest.approx(0.9)
+    assert untrained["test_accuracy"] is None and "test_accuracy_seeds" not in untrained
+    assert report["train_seeds"] == 3 and report["summary"]["best_test_accuracy"] == pytest.approx(0.9)
+    # the ONNX file is the first (seed 3) run's network, not a later one
+    assert verify_onnx(tmp_path / row["onnx"], nets[(trained, 3)], x[:2]) < 1e-4
+    assert verify_onnx(tmp_path / row["onnx"], nets[(trained, 5)], x[:2]) > 1e-4
+    assert "mean of 3 stand-alone runs" in format_table(report)
+    with pytest.raises(ValueError, match="train_seeds"):
+        export_front(front, tmp_path, train_seeds=0)
+
+
 def test_tolerance_violation_fails_the_member(front: ParetoFront, tmp_path) -> None:
     one = ParetoFront(front.members[:1], front.reference_point)
     report = export_front(one, tmp_path, measure_fn=lambda gs: np.ones(1), tolerance=-1.0)

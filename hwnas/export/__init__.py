@@ -10,7 +10,7 @@ __all__ = ["REPORT_NAME", "cli_export_dir", "export_front", "format_table", "loa
 
 
 def cli_export_dir(args: argparse.Namespace) -> int:
-    """`hwnas export DIR [--train-epochs E] [--profile P] [--threads N] [--out D]`: export a search's front.
+    """`hwnas export DIR [--train-epochs E] [--train-seeds K] [--profile P] [--threads N] [--out D]`: export a search's front.
 
     DIR is a `hwnas search` output folder; its front.json names the supernet (for the dataset used by
     stand-alone training) and the profile (threads and noise ceiling), unless --profile is given.
@@ -40,7 +40,8 @@ def cli_export_dir(args: argparse.Namespace) -> int:
             raise ValueError(f"{run_dir / 'front.json'}: config names no supernet, so the dataset for --train-epochs is unknown")
         data = _load_search_data(Path(supernet_dir))
     report = export_front(front, out_dir, profile=profile, train_epochs=train_epochs, data=data,
-                          threads=getattr(args, "threads", None), progress=_progress_printer())
+                          threads=getattr(args, "threads", None), progress=_progress_printer(),
+                          train_seeds=int(getattr(args, "train_seeds", 1) or 1))
     print(format_table(report))
     print(f"wrote {out_dir / REPORT_NAME}")
     return 0 if report["summary"]["n_passed"] == report["summary"]["n"] else 1

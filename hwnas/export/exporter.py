@@ -122,7 +122,7 @@ def _verify_input(member: FrontMember, data: Any, seed: int) -> torch.Tensor:
 
 
 def _export_member(rank: int, member: FrontMember, out_dir: Path, train_epochs: int, data: Any, seed: int,
-                   tolerance: float, train_fn: Callable | None) -> dict[str, Any]:
+                   tolerance: float, train_fn: Callable | None, train_seeds: int = 1) -> dict[str, Any]:
     """Build (and optionally train), export, check one member; every failure is recorded, never raised."""
     from hwnas.profiling.onnx_io import export_onnx, verify_onnx
 
@@ -139,9 +139,10 @@ def _export_member(rank: int, member: FrontMember, out_dir: Path, train_epochs: 
         if train_epochs > 0:
             if data is None:
                 raise ValueError("stand-alone training needs the dataset")
-            train = train_fn or _train_network
-            net, acc = train(g, splits_at(data, g.macro.resolution), train_epochs, seed)
-            row["trained_epochs"], row["test_accuracy"] = train_epochs, float(acc)
+            net, accs = _train_seeds(train_fn or _train_network, g, splits_at(data, g.macro.resolution),
+                                     train_epochs, seed, train_seeds)
+            row["trained_epochs"], row["test_accuracy"] = train_epochs, float(np.mean(accs))
+            row["test_accuracy_seeds"] = accs
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(seed)
@@ -158,6 +159,20 @@ def _export_member(rank: int, member: FrontMember, out_dir: Path, train_epochs: 
         log.warning("member %s (%s) failed: %s", rank, member.arch_id, err)
         row["errors"].append(f"{type(err).__name__}: {err}")
     return row
+
+
+def _train_seeds(train: Callable, genotype: Genotype, data: Any, epochs: int, seed: int,
+                 n_seeds: int) -> tuple[torch.nn.Module, list[float]]:
+    """Train with seeds seed .. seed+n_seeds-1; the first run's network (the one exported) and every test accuracy.
+
+    On a small test set one run's accuracy moves by a few test images between seeds, enough to reorder
+    members; the mean over seeds is the architecture's figure.
+    """
+    net, acc = train(genotype, data, epochs, seed)
+    accs = [float(acc)]
+    for extra in range(1, n_seeds):
+        accs.append(float(train(genotype, data, epochs, seed + extra)[1]))
+    return net, accs
 
 
 def _train_network(genotype: Genotype, data: Any, epochs: int, seed: int) -> tuple[torch.nn.Module, float]:
@@ -181,13 +196,15 @@ def export_front(
     train_ids: Collection[str] | None = None,
     progress: Progress | None = None,
     scale_fn: ScaleFn | None = None,
+    train_seeds: int = 1,
 ) -> dict[str, Any]:
     """ONNX + checks + measured latency for every member; writes out_dir/export_report.json and returns it.
 
     `profile` (a DeviceProfile, or a list with one per input resolution of the front) supplies the
     measurement thread count and the noise ceiling the predicted/measured agreement is compared with.
     `data` is the dataset (a DataSplits, or a resolution -> DataSplits mapping). `train_ids` limits stand-alone training to those
-    arch_ids (None: every member). A member failing any check keeps its row, with errors. After measuring,
+    arch_ids (None: every member). A trained member is trained `train_seeds` times (seeds `seed`, `seed` + 1, ...): its
+    test accuracy is the mean, and the first run is the network exported. A member failing any check keeps its row, with errors. After measuring,
     the profile's sentinel is timed again (`scale_fn`, default `sentinel_scale`) and the predictions are
     also reported rescaled by it, as `hwnas predict --rescale` would give them now.
     """
@@ -201,6 +218,8 @@ def export_front(
         raise ValueError(f"cannot write to export directory {out_dir}: {err.strerror or err}") from None
     if not isinstance(train_epochs, int) or train_epochs < 0:
         raise ValueError(f"train_epochs must be a non-negative integer, got {train_epochs!r}")
+    if not isinstance(train_seeds, int) or train_seeds < 1:
+        raise ValueError(f"train_seeds must be a positive integer, got {train_seeds!r}")
     profiles = _by_macro(profile)
     first = next(iter(profiles.values()), None)
     if threads is None:
@@ -210,7 +229,7 @@ def export_front(
     n = len(front.members)
     for rank, member in enumerate(front.members):
         epochs = train_epochs if train_ids is None or member.arch_id in train_ids else 0
-        rows.append(_export_member(rank, member, out_dir, epochs, data, seed, tolerance, train_fn))
+        rows.append(_export_member(rank, member, out_dir, epochs, data, seed, tolerance, train_fn, train_seeds))
         if progress is not None:
             progress("export", rank + 1, n)
 
@@ -238,7 +257,7 @@ def export_front(
     for row in rows:
         row["passed"] = not row["errors"]
 
-    report = _report(rows, front, profiles, train_epochs, threads, tolerance, measure_error, sentinel)
+    report = _report(rows, front, profiles, (train_epochs, train_seeds), threads, tolerance, measure_error, sentinel)
     report["summary"]["noise_now_within_10pct"] = noise_now
     atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
     return report
@@ -298,7 +317,7 @@ def _within(rows: list[dict], key: str) -> float | None:
     return float(np.mean(np.abs(ratios - 1) <= LATENCY_TOLERANCE)) if ratios.size else None
 
 
-def _report(rows: list[dict], front: ParetoFront, profiles: dict[Any, Any], train_epochs: int, threads: int,
+def _report(rows: list[dict], front: ParetoFront, profiles: dict[Any, Any], training: tuple[int, int], threads: int,
             tolerance: float, measure_error: str | None, sentinel: list[dict[str, Any]] | None) -> dict[str, Any]:
     within = _within(rows, "latency_ratio")
     # Each member is held to the noise ceiling of the profile that predicted it; the front's is their mean.
@@ -309,7 +328,8 @@ def _report(rows: list[dict], front: ParetoFront, profiles: dict[Any, Any], trai
     return {
         "schema_version": REPORT_VERSION,
         "tolerance": {"max_abs_diff": tolerance, "latency_within": LATENCY_TOLERANCE},
-        "train_epochs": train_epochs,
+        "train_epochs": training[0],
+        "train_seeds": training[1],
         "threads": threads,
         "profile": [p.name for p in profiles.values()] if len(profiles) > 1 else next((p.name for p in profiles.values()), None),
         "front": {"n_members": len(front.members), "hypervolume": front.hypervolume, "feasible": front.feasible},
@@ -354,6 +374,8 @@ def format_table(report: dict[str, Any]) -> str:
     noise = s.get("noise_now_within_10pct")
     noise = "" if noise is None else f"; this run's even vs odd rounds agree for {100 * noise:.0f} %"
     lines.append(f"{line} (profile noise ceiling {ceiling}{noise})")
+    if report.get("train_seeds", 1) > 1 and s["best_test_accuracy"] is not None:
+        lines.append(f"test acc %: mean of {report['train_seeds']} stand-alone runs (seeds); each ONNX file holds the first run")
     return "\n".join(lines)
 
 
