@@ -143,6 +143,14 @@ def test_several_training_seeds_report_the_mean_and_export_the_first_run(front: 
         export_front(front, tmp_path, train_seeds=0)
 
 
+def test_cli_rejects_zero_training_seeds(front: ParetoFront, tmp_path, capsys) -> None:
+    from hwnas.cli import main
+
+    front.save(tmp_path / "front.json")
+    assert main(["export", str(tmp_path), "--train-seeds", "0", "--out", str(tmp_path / "x")]) != 0
+    assert "train_seeds must be a positive integer, got 0" in capsys.readouterr().err
+
+
 def test_tolerance_violation_fails_the_member(front: ParetoFront, tmp_path) -> None:
     one = ParetoFront(front.members[:1], front.reference_point)
     report = export_front(one, tmp_path, measure_fn=lambda gs: np.ones(1), tolerance=-1.0)
