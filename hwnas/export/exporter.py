@@ -257,7 +257,7 @@ def export_front(
     for row in rows:
         row["passed"] = not row["errors"]
 
-    report = _report(rows, front, profiles, (train_epochs, train_seeds), threads, tolerance, measure_error, sentinel)
+    report = _report(rows, front, profiles, train_epochs, train_seeds, threads, tolerance, measure_error, sentinel)
     report["summary"]["noise_now_within_10pct"] = noise_now
     atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
     return report
@@ -317,8 +317,8 @@ def _within(rows: list[dict], key: str) -> float | None:
     return float(np.mean(np.abs(ratios - 1) <= LATENCY_TOLERANCE)) if ratios.size else None
 
 
-def _report(rows: list[dict], front: ParetoFront, profiles: dict[Any, Any], training: tuple[int, int], threads: int,
-            tolerance: float, measure_error: str | None, sentinel: list[dict[str, Any]] | None) -> dict[str, Any]:
+def _report(rows: list[dict], front: ParetoFront, profiles: dict[Any, Any], train_epochs: int, train_seeds: int,
+            threads: int, tolerance: float, measure_error: str | None, sentinel: list[dict[str, Any]] | None) -> dict[str, Any]:
     within = _within(rows, "latency_ratio")
     # Each member is held to the noise ceiling of the profile that predicted it; the front's is their mean.
     ceilings = [profiles[m.genotype.macro].validation.get("noise_ceiling_within_10pct")
@@ -328,8 +328,8 @@ def _report(rows: list[dict], front: ParetoFront, profiles: dict[Any, Any], trai
     return {
         "schema_version": REPORT_VERSION,
         "tolerance": {"max_abs_diff": tolerance, "latency_within": LATENCY_TOLERANCE},
-        "train_epochs": training[0],
-        "train_seeds": training[1],
+        "train_epochs": train_epochs,
+        "train_seeds": train_seeds,
         "threads": threads,
         "profile": [p.name for p in profiles.values()] if len(profiles) > 1 else next((p.name for p in profiles.values()), None),
         "front": {"n_members": len(front.members), "hypervolume": front.hypervolume, "feasible": front.feasible},
