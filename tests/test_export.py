@@ -216,3 +216,27 @@ def test_a_drifted_device_is_measured_again_and_the_closest_attempt_kept(front: 
     assert report["summary"]["sentinel"][0]["attempts"] == [1.5, 1.05]
     assert report["summary"]["sentinel"][0]["scale"] == pytest.approx(1.05)
 
+
+
+def test_a_later_macro_without_repeatable_sentinel_keeps_the_earlier_rescaling(tiny_macro: MacroConfig, rng,
+                                                                               tmp_path) -> None:
+    """Macro A rescales, macro B's sentinel cannot be timed: A's rows keep their rescaling, the table prints."""
+    small = tiny_macro.at_resolution(4)
+    space, small_space = SearchSpace(tiny_macro), SearchSpace(small)
+    members = [FrontMember(space.sample(rng), 0.1, 1.0, 0.01), FrontMember(small_space.sample(rng), 0.2, 0.5, 0.01)]
+    front = ParetoFront(members, (1.0, 10.0, 1.0))
+    profiles = [SimpleNamespace(device={"threads": 1}, validation={"noise_ceiling_within_10pct": 1.0},
+                                sentinel={"latency_ms": 0.2}, name=f"p{m.resolution}", macro=m) for m in (tiny_macro, small)]
+
+    def scale(p):
+        if p.macro == small:
+            raise ValueError("profile has no repeatable sentinel")
+        return 1.25, 0.25
+
+    report = export_front(front, tmp_path, profile=profiles, measure_fn=lambda gs: np.array([1.25, 0.6]), scale_fn=scale)
+    s = report["summary"]
+    assert s["sentinel"] == [{"profile": "p8", "resolution": 8, "scale": 1.25, "now_ms": 0.25, "profile_ms": 0.2}]
+    assert report["members"][0]["latency_ratio_rescaled"] == pytest.approx(1.0)
+    assert "latency_ratio_rescaled" not in report["members"][1]
+    table = format_table(report)  # was a TypeError: the summary's sentinel list was None
+    assert "x 1.250 (8px)" in table

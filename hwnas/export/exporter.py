@@ -289,8 +289,9 @@ def _sentinel_rescale(rows: list[dict], genotypes: list[Genotype], profiles: dic
             else:
                 scale, now = scale_fn(profile)
         except Exception as err:  # noqa: BLE001 - e.g. a profile without a repeatable sentinel: keep the export
-            log.warning("predictions not rescaled: %s", err)
-            return None
+            # Skip this macro only: rows of macros already done carry their rescaling, and the summary must list them.
+            log.warning("predictions at resolution %d not rescaled: %s", macro.resolution, err)
+            continue
         for i in idx:
             row = rows[i]
             row["predicted_rescaled_ms"] = row["predicted_latency_ms"] * scale
@@ -368,7 +369,7 @@ def format_table(report: dict[str, Any]) -> str:
     ceiling = "-" if s["noise_ceiling_within_10pct"] is None else f"{100 * s['noise_ceiling_within_10pct']:.0f} %"
     line = f"{s['n_passed']}/{s['n']} passed all checks; measured within +-10 % of predicted: {within}"
     if s.get("latency_within_10pct_rescaled") is not None:
-        scales = ", ".join(f"{x['scale']:.3f} ({x['resolution']}px)" for x in s["sentinel"])
+        scales = ", ".join(f"{x['scale']:.3f} ({x['resolution']}px)" for x in s.get("sentinel") or [])
         line += (f", of predicted x {scales} (sentinel now / at profiling): "
                  f"{100 * s['latency_within_10pct_rescaled']:.0f} %")
     noise = s.get("noise_now_within_10pct")
