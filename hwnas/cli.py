@@ -1,13 +1,65 @@
-"""Command line: argparse subcommands -> config dataclasses -> library calls."""
+"""Command line: argparse subcommands -> config dataclasses -> library calls.
+
+Every subcommand runs inside one error boundary (`main`): a problem is one line on stderr and an exit code,
+never a traceback unless --debug is given.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
+
+# Exit codes (documented in `hwnas --help`).
+EXIT_OK = 0
+EXIT_CHECKS_FAILED = 1  # the command finished, but a result failed its checks (export / run: a member failed)
+EXIT_BAD_INPUT = 2  # bad arguments or input file contents (argparse's usage errors use 2 as well)
+EXIT_OS_ERROR = 3  # the file system refused: permissions, a folder where a file is expected, full disk, ...
+EXIT_INTERNAL = 4  # an unexpected error, i.e. a bug in hwnas: rerun with --debug for the traceback
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, the shell's convention)
+EXIT_CODES_HELP = """exit codes:
+  0    done
+  1    finished, but a result failed its checks (export, run: a member failed verification)
+  2    bad input: arguments or the contents of an input file
+  3    file system error: permissions, a folder where a file is expected (or the reverse), disk full
+  4    internal error (a bug): rerun with --debug for the traceback
+  130  interrupted (Ctrl-C); the message says what was saved and how to resume"""
+
+
+# --- input checks run before any slow work ---
+
+
+def _writable_dir(path: str | Path, flag: str) -> Path:
+    """Create folder `path` if needed and prove it writable; an OSError names the path (exit 3)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{flag} must be a folder, this is a file", str(path))
+    path.mkdir(parents=True, exist_ok=True)  # NotADirectoryError when a parent is a file, PermissionError, ...
+    probe = path / f".hwnas-write-test-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+    return path
+
+
+def _writable_file(path: str | Path, flag: str) -> Path:
+    """Check that file `path` can be written (not a folder; its folder created and writable)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{flag} must be a file, this is a folder", str(path))
+    _writable_dir(path.parent, f"the folder of {flag}")
+    return path
+
+
+def _positive(value: int | None, flag: str, minimum: int = 1) -> None:
+    """ValueError unless `value` is None or >= minimum."""
+    if value is not None and value < minimum:
+        raise ValueError(f"{flag} must be >= {minimum}, got {value}")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -37,7 +89,7 @@ def _info(args: argparse.Namespace) -> int:
         "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(info, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -66,27 +118,30 @@ def _search_progress(total: int, desc: str):
 
 def _search(args: argparse.Namespace) -> int:
     """Run NSGA-II (or random search) on the supernet's accuracy estimate and the profile's latency predictor."""
-    from pathlib import Path
-
     from hwnas.config import SearchConfig
     from hwnas.search.session import build_problem, prepare_out_dir, run_search, summary_lines
 
     cfg = SearchConfig(pop=args.pop, gens=args.gens, max_latency_ms=args.max_latency_ms,
                        max_params_m=args.max_params_m, algorithm=args.algorithm, seed=args.seed,
                        workers=args.workers, scheduler=args.scheduler)
-    out = Path(args.out)
-    prepare_out_dir(out, args.resume)  # fail before the slow loading when the folder is unusable
+    out = _writable_dir(args.out, "--out")
+    prepare_out_dir(out, args.resume)  # fail before the slow loading when the folder is unusable or holds a search
     problem = build_problem(args.supernet, args.profile, cfg)
     paths = [str(Path(p).resolve()) for p in args.profile]
     provenance = {"supernet": str(Path(args.supernet).resolve()), "profile": paths[0] if len(paths) == 1 else paths}
-    try:
-        front, baseline = run_search(problem, cfg, out, resume=args.resume, compare_random=args.compare_random,
-                                     progress=_search_progress(cfg.gens, "search"), provenance=provenance)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; every finished generation is in {out}/checkpoint.json: rerun with --resume", file=sys.stderr)
-        return 130
+    front, baseline = run_search(problem, cfg, out, resume=args.resume, compare_random=args.compare_random,
+                                 progress=_search_progress(cfg.gens, "search"), provenance=provenance)
     print("\n".join(summary_lines(front, baseline, out)))
-    return 0
+    return EXIT_OK
+
+
+def _search_interrupted(args: argparse.Namespace) -> str:
+    from hwnas.search.session import CHECKPOINT
+
+    ckpt = Path(args.out) / CHECKPOINT
+    if not ckpt.exists():
+        return "no generation had finished, nothing was saved"
+    return f"every finished generation is in {ckpt}: rerun the same command with --resume to continue"
 
 
 def _add_search(sub: argparse._SubParsersAction) -> None:
@@ -110,23 +165,26 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
     p.add_argument("--out", required=True, help="output folder (front.json, front.csv, pareto.png, checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue the search checkpointed in --out")
-    p.set_defaults(handler=_search)
+    p.set_defaults(handler=_search, interrupted=_search_interrupted)
 
 
 def _run(args: argparse.Namespace) -> int:
     """The whole pipeline on the embedded default: supernet, profile, search, export, plot."""
-    from pathlib import Path
-
     from hwnas.pipeline import run_pipeline
 
-    out = Path(args.out or ("hwnas-run-quick" if args.quick else "hwnas-run"))
-    try:
-        summary = run_pipeline(out, quick=args.quick, progress=_run_progress)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; finished work is kept in {out}: rerun the same command to resume", file=sys.stderr)
-        return 130
+    out = _writable_dir(_run_out(args), "--out")
+    summary = run_pipeline(out, quick=args.quick, progress=_run_progress)
     print("\n".join(summary["lines"]))
-    return 0 if summary["ok"] else 1
+    return EXIT_OK if summary["ok"] else EXIT_CHECKS_FAILED
+
+
+def _run_out(args: argparse.Namespace) -> Path:
+    return Path(args.out or ("hwnas-run-quick" if args.quick else "hwnas-run"))
+
+
+def _run_interrupted(args: argparse.Namespace) -> str:
+    return f"every finished stage (and the finished part of the current one) is kept in {_run_out(args)}: " \
+           "rerun the same command to resume"
 
 
 def _bar_to(desc: str) -> Callable[[int, int], None]:
@@ -161,7 +219,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few-minute run with small budgets")
     p.add_argument("--out", default=None, help="output folder (default hwnas-run, or hwnas-run-quick with --quick); "
                    "rerun the same command to resume")
-    p.set_defaults(handler=_run)
+    p.set_defaults(handler=_run, interrupted=_run_interrupted)
 
 
 # Each entry adds one subcommand; its parser sets `handler`.
@@ -172,8 +230,6 @@ SUBCOMMANDS += [_add_search, _add_run]
 def _train_supernet(args: argparse.Namespace) -> int:
     """Train a supernet (DARTS bilevel + single-path fine-tuning) with a progress bar; resumable."""
     from dataclasses import fields, replace
-    from pathlib import Path
-
     from tqdm import tqdm
 
     from hwnas.config import MacroConfig, SupernetConfig
@@ -183,6 +239,7 @@ def _train_supernet(args: argparse.Namespace) -> int:
     values["resolutions"] = tuple(args.resolutions)
     macro = replace(MacroConfig(), C=args.C, layers=args.layers, resolution=args.resolution)
     cfg = SupernetConfig(macro=macro, **values)
+    out_dir = _writable_dir(args.out, "--out")  # before loading the data
     bar = None  # created on the first step, so input errors print no empty bar
 
     def progress(done: int, total: int, info: dict) -> None:
@@ -194,12 +251,21 @@ def _train_supernet(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        out = train_supernet(cfg, Path(args.out), resume=args.resume, progress=progress)
+        out = train_supernet(cfg, out_dir, resume=args.resume, progress=progress)
     finally:
         if bar is not None:
             bar.close()
     print(f"supernet: {out / 'supernet.pt'}  derived genotype: {out / 'genotype.json'}")
-    return 0
+    return EXIT_OK
+
+
+def _train_supernet_interrupted(args: argparse.Namespace) -> str:
+    from hwnas.train.supernet import CHECKPOINT_FILE
+
+    ckpt = Path(args.out) / CHECKPOINT_FILE
+    if not ckpt.exists():
+        return "no epoch had finished, nothing was saved"
+    return f"every finished epoch is checkpointed in {ckpt}: rerun the same command with --resume to continue"
 
 
 def _add_train_supernet(sub: argparse._SubParsersAction) -> None:
@@ -235,7 +301,7 @@ def _add_train_supernet(sub: argparse._SubParsersAction) -> None:
             continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
                        help=f"{helps.get(f.name, f.name.replace('_', ' '))} (default %(default)s)")
-    p.set_defaults(handler=_train_supernet)
+    p.set_defaults(handler=_train_supernet, interrupted=_train_supernet_interrupted)
 
 
 SUBCOMMANDS.append(_add_train_supernet)
@@ -263,25 +329,31 @@ def _load_archs(paths: Sequence[str]) -> list:
     """Architecture JSON files -> genotypes (errors name the file)."""
     from hwnas.space import Genotype
 
+    for p in paths:
+        if Path(p).is_dir():
+            raise ValueError(f"{p}: is a folder; expected an architecture JSON file (e.g. one written by hwnas export)")
     return [Genotype.load(p) for p in paths]
 
 
 def _profile(args: argparse.Namespace) -> int:
     """Measure this device and write a profile with its validation figures (--refit: fit again, no timing)."""
     from hwnas.config import DEFAULT_MACRO, ProfileConfig
-    from hwnas.profiling.profiler import profile_device
+    from hwnas.profiling.profiler import default_out, profile_device
 
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
     if args.refit:
         from hwnas.profiling.device_profile import DeviceProfile
         from hwnas.profiling.profiler import refit_profile
 
+        _writable_file(args.out or args.refit, "--out")
         profile = refit_profile(DeviceProfile.load(args.refit))
         profile.save(args.out or args.refit)
         v = profile.validation
         print(json.dumps({"profile": str(args.out or args.refit), "refitted": True, "validation": {
             k: v[k] for k in ("predictor", "n", "mape", "within_5pct", "within_10pct", "spearman", "noise_ceiling_within_10pct")}},
             indent=2))
-        return 0
+        return EXIT_OK
 
     if args.device is None:
         from hwnas.profiling.fingerprint import device_slug
@@ -297,6 +369,7 @@ def _profile(args: argparse.Namespace) -> int:
                         resume=args.resume, quick=args.quick, macro=macro, seed=args.seed,
                         **{k: v for k, v in (("n_calibration", args.n_calibration), ("n_validation", args.n_validation),
                                               ("runs", args.runs), ("rounds", args.rounds)) if v is not None})
+    _writable_file(default_out(cfg), "--out")  # before the minutes of timing
     update, bar = _tqdm_progress(f"profile {args.device}")
     try:
         profile = profile_device(cfg, progress=update)
@@ -307,7 +380,20 @@ def _profile(args: argparse.Namespace) -> int:
                                  "noise_ceiling_within_10pct")}
     print(json.dumps({"profile": str(cfg.out or f"profiles/{cfg.device}.json"), "elapsed_s": profile.meta.get("elapsed_s"),
                       "validation": summary}, indent=2))
-    return 0
+    return EXIT_OK
+
+
+def _profile_interrupted(args: argparse.Namespace) -> str:
+    if args.refit:
+        return f"{args.out or args.refit} was not changed"
+    from hwnas.profiling.fingerprint import device_slug
+    from hwnas.profiling.profiler import sidecar_path
+
+    out = Path(args.out or Path("profiles") / f"{args.device or device_slug(args.threads)}.json")
+    side = sidecar_path(out)
+    if not side.exists():
+        return "no timing had finished, nothing was saved"
+    return f"every finished timing is in {side}: rerun the same command with --resume to continue"
 
 
 def _add_profile(sub: argparse._SubParsersAction) -> None:
@@ -327,7 +413,7 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refit", default=None, metavar="PROFILE",
                    help="fit the predictors of PROFILE again from the measurements it stores (no timing); "
                         "writes PROFILE, or --out")
-    p.set_defaults(handler=_profile)
+    p.set_defaults(handler=_profile, interrupted=_profile_interrupted)
 
 
 def _resolve_profile(path: str | None, macro):
@@ -378,7 +464,7 @@ def _predict(args: argparse.Namespace) -> int:
         out = {k: v for k, v in out["profiles"][0].items() if k != "resolution"}
     out["latency_ms"] = {p: round(float(m), 4) for p, m in zip(args.arch, ms)}
     print(json.dumps(out, indent=2))
-    return 0
+    return EXIT_OK
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
@@ -398,6 +484,9 @@ def _measure(args: argparse.Namespace) -> int:
     """Measured latency (ms) of each architecture file with the profiling methodology."""
     from hwnas.profiling.profiler import measure_genotypes
 
+    _positive(args.threads, "--threads")
+    _positive(args.runs, "--runs")
+    _positive(args.rounds, "--rounds")
     genotypes = _load_archs(args.arch)
     update, bar = _tqdm_progress("measure")
     try:
@@ -408,7 +497,11 @@ def _measure(args: argparse.Namespace) -> int:
     print(json.dumps({"threads": args.threads, "rounds": args.rounds, "runs": args.runs,
                       "sentinel_ms": round(m.sentinel_ms, 4),
                       "latency_ms": {p: round(float(v), 4) for p, v in zip(args.arch, m.ms)}}, indent=2))
-    return 0
+    return EXIT_OK
+
+
+def _measure_interrupted(args: argparse.Namespace) -> str:
+    return "measure writes no files, so nothing on disk changed: rerun the same command to measure again"
 
 
 def _add_measure(sub: argparse._SubParsersAction) -> None:
@@ -417,23 +510,30 @@ def _add_measure(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=4, help="interleaved fresh-session rounds")
     p.add_argument("--runs", type=int, default=100, help="timed runs per session")
-    p.set_defaults(handler=_measure)
+    p.set_defaults(handler=_measure, interrupted=_measure_interrupted)
 
 
 def _export(args: argparse.Namespace) -> int:
     """`export --arch A --out F`: one verified ONNX file; `export DIR`: the search's Pareto front (hwnas.export)."""
+    _positive(args.threads, "--threads")
+    _positive(args.train_seeds, "--train-seeds")
+    _positive(args.train_epochs, "--train-epochs", minimum=0)
     if args.dir is not None:
         from hwnas.export import cli_export_dir
 
+        if not Path(args.dir).is_dir():
+            raise ValueError(f"{args.dir}: not a folder; DIR is the --out folder of `hwnas search`")
+        _writable_dir(args.out or Path(args.dir) / "export", "--out")  # before loading profiles and data
         return cli_export_dir(args)
     if not args.arch or not args.out:
         raise ValueError("give either DIR, or both --arch ARCH.json and --out FILE.onnx")
     import torch
 
     from hwnas.profiling.onnx_io import export_onnx, verify_onnx
-    from hwnas.space import Genotype, Network
+    from hwnas.space import Network
 
-    g = Genotype.load(args.arch)
+    g = _load_archs([args.arch])[0]
+    _writable_file(args.out, "--out")
     net = Network(g).eval()
     m = g.macro
     path = export_onnx(net, args.out, (1, m.in_channels, m.resolution, m.resolution))
@@ -441,7 +541,14 @@ def _export(args: argparse.Namespace) -> int:
     if err > 1e-4:
         raise ValueError(f"{path}: onnxruntime output differs from PyTorch by {err:.2e} (> 1e-4)")
     print(json.dumps({"onnx": str(path), "arch_id": g.arch_id, "max_abs_diff": err}, indent=2))
-    return 0
+    return EXIT_OK
+
+
+def _export_interrupted(args: argparse.Namespace) -> str:
+    if args.dir is None:
+        return f"{args.out} may be missing or incomplete: rerun the same command"
+    out = args.out or Path(args.dir) / "export"
+    return f"members exported so far are in {out}, without a report: rerun the same command to export them all"
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -455,32 +562,107 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default=None, action="append",
                    help="with DIR: device profile, repeated for each input resolution (default: the ones the search used)")
     p.add_argument("--threads", type=int, default=None, help="with DIR: onnxruntime threads for re-measuring")
-    p.set_defaults(handler=_export)
+    p.set_defaults(handler=_export, interrupted=_export_interrupted)
 
 
 SUBCOMMANDS += [_add_profile, _add_predict, _add_measure, _add_export]
 
 
+def _nothing_written(args: argparse.Namespace) -> str:
+    return "nothing was written"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `hwnas` argument parser with every subcommand."""
-    parser = argparse.ArgumentParser(prog="hwnas", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hwnas", description=__doc__, epilog=EXIT_CODES_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error (for bug reports)")
+    parser.set_defaults(interrupted=_nothing_written)
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
+    for p in sub.choices.values():  # --debug also after the subcommand; SUPPRESS keeps the global value
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
+class _Once(logging.Filter):
+    """Drops a warning already shown (a profile loaded twice warns once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _setup_logging(verbose: bool) -> Callable[[], None]:
+    """Log to stderr through a handler that shows each warning once; returns the undo (tests call main often)."""
+    import warnings
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_Once())
+    level, root.level = root.level, logging.DEBUG if verbose else logging.INFO
+    root.addHandler(handler)
+    filters = warnings.filters[:]
+    # hwnas logs every warning it raises; the Python warning would say the same thing a second time.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"hwnas(\.|$)")
+
+    def undo() -> None:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        warnings.filters[:] = filters
+
+    return undo
+
+
+def _error_line(err: BaseException, args: argparse.Namespace) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception that ended a subcommand."""
+    if isinstance(err, (ValueError, FileNotFoundError)):  # JSON, schema and missing-input errors name the file
+        if isinstance(err, FileNotFoundError) and err.filename is not None:
+            return EXIT_BAD_INPUT, f"{err.filename}: no such file or folder"
+        return EXIT_BAD_INPUT, str(err)
+    if isinstance(err, OSError):
+        reason = err.strerror or str(err)
+        if err.filename is not None:
+            where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 is not None else "")
+            return EXIT_OS_ERROR, f"{where}: {reason}"
+        out = getattr(args, "out", None)
+        return EXIT_OS_ERROR, reason + (f" (while writing under {out})" if out else "")
+    return EXIT_INTERNAL, (f"internal error: {type(err).__name__}: {err}; "
+                           "rerun with --debug for the traceback and report it")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `hwnas` console script."""
+    """Entry point of the `hwnas` console script; exit codes in EXIT_CODES_HELP."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    undo_logging = _setup_logging(args.verbose)
+    prefix = f"hwnas {args.command}"
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad input is the user's to fix: one clear line, no traceback.
-        print(f"hwnas {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"\n{prefix}: interrupted; {args.interrupted(args)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the one boundary: every error becomes one line and an exit code
+        if args.debug:
+            raise
+        code, line = _error_line(err, args)
+        print(f"{prefix}: error: {' '.join(line.split())}", file=sys.stderr)
+        return code
+    finally:
+        undo_logging()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +24,7 @@ class RunPlan:
     train_members: int  # how many members (spread along the latency axis) are trained; the rest are exported untrained
     train_seeds: int  # stand-alone runs per trained member; their mean test accuracy is reported
     profile_quick: bool  # used only when no shipped profile matches this machine
+    profile_sizes: dict[str, int] = field(default_factory=dict)  # ProfileConfig overrides (tests: tiny profiles)
 
 
 # Single-path (uniform) supernet epochs only: on a CPU a bilevel DARTS epoch costs several single-path ones,
@@ -68,7 +69,8 @@ def _profile_for(macro: MacroConfig, out_dir: Path, plan: RunPlan,
     path = out_dir / f"profile-{macro.resolution}px.json"
     if not path.exists():
         log.info("no shipped profile matches this machine and macro %s; measuring a quick one into %s", macro.to_dict(), path)
-        profile_device(ProfileConfig(device="this-device", quick=plan.profile_quick, out=str(path), resume=True, macro=macro),
+        profile_device(ProfileConfig(device="this-device", quick=plan.profile_quick, out=str(path), resume=True, macro=macro,
+                                     **plan.profile_sizes),
                        progress=progress("profile", plan) if progress else None)
     return path
 
@@ -80,9 +82,11 @@ def _stage(lines: list[str], name: str, t0: float) -> None:
 
 
 def run_pipeline(out_dir: Path, quick: bool = False,
-                 progress: Callable[[str, Any], Callable | None] | None = None) -> dict[str, Any]:
+                 progress: Callable[[str, Any], Callable | None] | None = None,
+                 plan: RunPlan | None = None) -> dict[str, Any]:
     """Train supernet -> profile (shipped or quick) -> NSGA-II + random baseline -> export + verify -> plot.
 
+    `plan` replaces the built-in PLANS["quick" if quick else "full"] (tests run a tiny one).
     `progress(stage, plan)` returns the callback for stage "supernet", "profile", "search" or
     "export" in that stage's own signature (see hwnas.train, hwnas.profiling.profiler, hwnas.search), or None.
     """
@@ -91,7 +95,7 @@ def run_pipeline(out_dir: Path, quick: bool = False,
     from hwnas.search.session import PLOT, build_problem, run_search, summary_lines
     from hwnas.train import load_elastic_data, load_supernet, train_supernet
 
-    plan = PLANS["quick" if quick else "full"]
+    plan = plan or PLANS["quick" if quick else "full"]
     t0 = time.perf_counter()
     lines: list[str] = []
     out_dir = Path(out_dir)

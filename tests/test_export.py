@@ -148,7 +148,7 @@ def test_cli_rejects_zero_training_seeds(front: ParetoFront, tmp_path, capsys) -
 
     front.save(tmp_path / "front.json")
     assert main(["export", str(tmp_path), "--train-seeds", "0", "--out", str(tmp_path / "x")]) != 0
-    assert "train_seeds must be a positive integer, got 0" in capsys.readouterr().err
+    assert "--train-seeds must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_tolerance_violation_fails_the_member(front: ParetoFront, tmp_path) -> None:

@@ -97,6 +97,8 @@ class DeviceProfile:
         for key in ("device", "validation", "blocks", "predictors"):
             if not isinstance(data[key], dict):
                 raise ValueError(f"field {key!r} must be an object")
+        if not isinstance(data.get("sentinel", {}), dict):  # hand-edited files: fail here, not deep in export
+            raise ValueError(f"field 'sentinel' must be an object, got {type(data['sentinel']).__name__}")
         missing = [k for k in VALIDATION_KEYS if k not in data["validation"]]
         if missing:
             raise ValueError(f"validation block is missing {missing}")
