@@ -146,10 +146,15 @@ def test_resume_refuses_other_settings(tiny_macro: MacroConfig, tmp_path) -> Non
 
 def test_nsga2_and_random_spend_the_same_evaluations(tiny_macro: MacroConfig) -> None:
     cfg = SearchConfig(pop=10, gens=4, seed=0)
-    nsga = search(make_problem(tiny_macro), cfg)
+    problem, asked = make_problem(tiny_macro), []
+    objectives = problem.objectives
+    problem.objectives = lambda gs: (asked.extend(g.arch_id for g in gs), objectives(gs))[1]
+    nsga = search(problem, cfg)
     rand = search(make_problem(tiny_macro), SearchConfig(pop=10, gens=4, seed=0, algorithm="random"))
     assert rand.n_evaluations == 40
-    assert nsga.n_evaluations <= 40  # duplicates of earlier architectures are cache hits, not evaluations
+    assert len(asked) == 40  # NSGA-II asks for exactly pop x gens evaluations, like random search
+    # ... of which repeats of earlier architectures are cache hits: the front counts each architecture once.
+    assert nsga.n_evaluations == len(set(asked)) == problem.n_computed
     assert nsga.reference_point == rand.reference_point
 
 
@@ -250,3 +255,39 @@ def test_elastic_search_on_a_supernet_with_one_profile_per_resolution(tiny_macro
     for row, member in zip(report["members"], front.members):
         want = 2.0 if member.genotype.macro.resolution == 4 else 1.0
         assert row["predicted_rescaled_ms"] == pytest.approx(want * member.latency_ms)
+
+
+def test_resume_refuses_another_supernet_or_profile(tiny_macro: MacroConfig, tmp_path) -> None:
+    """The checkpoint holds the sha256 of the supernet weights and of each profile; a changed one is named."""
+    from hwnas.search.session import run_search
+
+    sn, profile = tmp_path / "sn", tmp_path / "p8.json"
+    sn.mkdir()
+    (sn / "supernet.pt").write_bytes(b"weights")
+    profile.write_text('{"latency": 1}')
+    provenance = {"supernet": str(sn), "profile": [str(profile)]}
+    cfg, out = SearchConfig(pop=6, gens=2, seed=0), tmp_path / "search"
+    with pytest.raises(Stop):
+        run_search(make_problem(tiny_macro), cfg, out, provenance=provenance, progress=lambda info: stop(info, 1))
+    saved = json.loads((out / "checkpoint.json").read_text())["inputs_sha256"]
+    assert set(saved) == {"supernet supernet.pt", "profile p8.json"}
+
+    profile.write_text('{"latency": 2}')  # re-profiled since
+    with pytest.raises(ValueError, match="profile p8.json changed"):
+        run_search(make_problem(tiny_macro), cfg, out, resume=True, provenance=provenance)
+    profile.write_text('{"latency": 1}')
+    (sn / "supernet.pt").write_bytes(b"retrained")
+    with pytest.raises(ValueError, match="supernet supernet.pt changed"):
+        run_search(make_problem(tiny_macro), cfg, out, resume=True, provenance=provenance)
+    (sn / "supernet.pt").write_bytes(b"weights")
+    other = tmp_path / "p6.json"
+    other.write_text("{}")
+    with pytest.raises(ValueError, match="profile p6.json"):
+        run_search(make_problem(tiny_macro), cfg, out, resume=True, provenance={**provenance, "profile": [str(other)]})
+    front, _ = run_search(make_problem(tiny_macro), cfg, out, resume=True, provenance=provenance)  # the same files
+    assert front.n_evaluations == 12
+
+
+def stop(info: dict, at: int) -> None:
+    if info["gen"] >= at:
+        raise Stop

@@ -144,8 +144,10 @@ def _make_nsga2(problem: HWNASProblem, cfg: SearchConfig) -> Any:
 class _Checkpoint:
     """Reads and writes the per-generation JSON checkpoint."""
 
-    def __init__(self, path: Path | None, problem: HWNASProblem, cfg: SearchConfig, reference_point: np.ndarray):
+    def __init__(self, path: Path | None, problem: HWNASProblem, cfg: SearchConfig, reference_point: np.ndarray,
+                 inputs: dict[str, str] | None = None):
         self.path, self.problem, self.cfg, self.reference_point = path, problem, cfg, reference_point
+        self.inputs = dict(inputs or {})  # name -> sha256 of the files the objectives come from
 
     def write(self, generation: int, rng_state: dict, archive: _Archive, history: list[dict], n_eval: int,
               population: dict[str, Any] | None) -> None:
@@ -158,6 +160,7 @@ class _Checkpoint:
             "space": self.problem.space.name,
             "macro": self.problem.space.macro.to_dict(),
             "budgets": self.problem.budgets,
+            "inputs_sha256": self.inputs,
             "reference_point": self.reference_point.tolist(),
             "generation": generation,
             "n_eval": n_eval,
@@ -191,7 +194,28 @@ class _Checkpoint:
         for key in ("generation", "n_eval", "rng", "archive", "history", "reference_point"):
             if key not in data:
                 raise ValueError(f"{source}: missing field {key!r}")
+        self._check_inputs(data.get("inputs_sha256"), source)
         return data
+
+    def _check_inputs(self, saved: Any, source: str) -> None:
+        """Refuse to mix objectives: the archive re-seeds the cache, so the supernet and profiles must be the same files."""
+        if not self.inputs:
+            return  # objectives not from files (library use): nothing to compare
+        if saved is None:
+            log.warning("%s predates input hashes: cannot check that the supernet and profiles are the ones it used", source)
+            return
+        if not isinstance(saved, dict):
+            raise ValueError(f"{source}: inputs_sha256: expected an object")
+        for name in sorted(set(saved) | set(self.inputs)):
+            if name not in self.inputs:
+                raise ValueError(f"{source}: the checkpoint was made with {name}, which this run does not use; "
+                                 "resume with the same supernet and profiles or use a new --out")
+            if name not in saved:
+                raise ValueError(f"{source}: this run uses {name}, which the checkpoint was not made with; "
+                                 "resume with the same supernet and profiles or use a new --out")
+            if saved[name] != self.inputs[name]:
+                raise ValueError(f"{source}: {name} changed since the checkpoint was made (sha256 differs); its "
+                                 "objective values would be mixed with stale ones: resume with the same file or use a new --out")
 
 
 def _population_to_json(pop: Any) -> dict[str, Any]:
@@ -249,15 +273,19 @@ def search(
     checkpoint: str | Path | None = None,
     progress: Progress | None = None,
     reference_point: np.ndarray | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> ParetoFront:
     """Run cfg.algorithm on `problem`; checkpoint every generation to `checkpoint`; continue from `resume`.
+
+    `inputs` (name -> sha256 of a file the objectives come from: supernet, profiles) is stored in the
+    checkpoint; a resume whose inputs differ is refused, naming the file that changed.
 
     The front is the non-dominated set of every architecture this search evaluated (the least violating
     ones, flagged infeasible, when none meets the budgets). A resumed run gives the same front as an
     uninterrupted one with the same seed: the checkpoint holds the population with its NSGA-II rank and
     crowding, the generator state and every evaluated objective, all as JSON.
     """
-    ckpt = _Checkpoint(Path(checkpoint) if checkpoint else None, problem, cfg, np.zeros(3))
+    ckpt = _Checkpoint(Path(checkpoint) if checkpoint else None, problem, cfg, np.zeros(3), inputs)
     state = ckpt.read(Path(resume)) if resume else None
     if state is not None:
         ref = np.asarray(state["reference_point"], dtype=float)
@@ -293,6 +321,8 @@ def _run_nsga2(problem: HWNASProblem, cfg: SearchConfig, ckpt: _Checkpoint, stat
         archive = _Archive.from_json(state["archive"], problem, source)
         history, done = list(state["history"]), int(state["generation"])
         if done > 0:
+            # pymoo has no public resume from a saved population: these are its 0.6 attributes (pyproject pins
+            # pymoo < 0.7; test_resume_gives_the_uninterrupted_front checks the result equals an uninterrupted run).
             algorithm.pop = _population_from_json(state["population"], source)
             algorithm.is_initialized = True
             algorithm.n_iter = done + 1

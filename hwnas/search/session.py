@@ -1,6 +1,7 @@
 """One `hwnas search` run on disk: real objectives from a supernet dir + a profile, output folder, result files."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import replace
@@ -100,15 +101,42 @@ def _first_valid(data: DataSplits, n: int) -> DataSplits:
     return dc_replace(data, valid=TensorDataset(x[:n], y[:n]))
 
 
+def input_hashes(provenance: dict[str, Any] | None) -> dict[str, str]:
+    """sha256 of the supernet weights and each profile file named in `provenance` (files that exist)."""
+    from hwnas.train.supernet import CHECKPOINT_FILE
+
+    provenance = provenance or {}
+    files: dict[str, Path] = {}
+    if provenance.get("supernet"):
+        files[f"supernet {CHECKPOINT_FILE}"] = Path(provenance["supernet"]) / CHECKPOINT_FILE
+    profiles = provenance.get("profile") or []
+    for path in [profiles] if isinstance(profiles, (str, Path)) else profiles:
+        files[f"profile {Path(path).name}"] = Path(path)
+    out = {}
+    for name, path in files.items():
+        if path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            out[name] = digest.hexdigest()
+    return out
+
+
 def run_search(problem: HWNASProblem, cfg: SearchConfig, out_dir: str | Path, resume: bool = False,
                compare_random: bool = False, progress: Progress | None = None,
                provenance: dict[str, Any] | None = None) -> tuple[ParetoFront, ParetoFront | None]:
-    """Search into out_dir (checkpoint, front.json, front.csv, pareto.png); optionally random search beside it."""
+    """Search into out_dir (checkpoint, front.json, front.csv, pareto.png); optionally random search beside it.
+
+    `provenance` ({"supernet": dir, "profile": path or paths}) goes into the fronts' config; the files' sha256
+    go into the checkpoints, so that a resume with another supernet or profile is refused.
+    """
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, resume)
     ref = None
+    inputs = input_hashes(provenance)
     front = search(problem, cfg, resume=out_dir / CHECKPOINT if resume and (out_dir / CHECKPOINT).exists() else None,
-                   checkpoint=out_dir / CHECKPOINT, progress=progress)
+                   checkpoint=out_dir / CHECKPOINT, progress=progress, inputs=inputs)
     front.config.update(provenance or {})
     front.save(out_dir / FRONT)
     front.save_csv(out_dir / FRONT_CSV)
@@ -118,7 +146,7 @@ def run_search(problem: HWNASProblem, cfg: SearchConfig, out_dir: str | Path, re
         rcfg = replace(cfg, algorithm="random")
         ck = out_dir / RANDOM_CHECKPOINT
         baseline = search(problem, rcfg, resume=ck if resume and ck.exists() else None, checkpoint=ck,
-                          progress=progress, reference_point=ref)
+                          progress=progress, reference_point=ref, inputs=inputs)
         baseline.config.update(provenance or {})
         baseline.save(out_dir / RANDOM_FRONT)
     elif (out_dir / RANDOM_FRONT).exists():
