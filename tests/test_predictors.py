@@ -121,11 +121,11 @@ def test_fit_on_networks_of_every_depth_recovers_the_scale(rng):
     space = SearchSpace(macro, depth=True)
     gs = [space.sample(rng) for _ in range(60)]
     tables = depth_tables(macro, blocks, [g.depth for g in gs])
-    truth = {d: ScaledBlockSumPredictor(t, f) for d, t_f in tables.items() for t, f in [t_f]}
+    truth = {d: ScaledBlockSumPredictor(*t) for d, t in tables.items()}
     y = np.array([truth[g.depth].fixed_ms + 0.002 + 1.3 * slow_blocksum_table(truth[g.depth].block_table, g) for g in gs])
     pred = ScaledBlockSumPredictor(*tables[()]).fit(gs[:40], y[:40], depth_tables=tables)
     assert pred.coef_[0] == pytest.approx(1.3, rel=1e-3)
-    held = [pred.with_blocks(*tables[g.depth], g.depth).predict([g])[0] for g in gs[40:]]
+    held = [pred.with_blocks(tables[g.depth].table, tables[g.depth].fixed_ms, g.depth).predict([g])[0] for g in gs[40:]]
     np.testing.assert_allclose(held, y[40:], rtol=1e-3)
     assert {g.depth for g in gs} >= {(), (1, 0, 0)}
     with pytest.raises(ValueError, match="need their block table"):
@@ -158,3 +158,46 @@ def test_shared_factorized_reduce_counts_extra_stride2_skips_per_input_and_is_fi
     np.testing.assert_allclose(pred.predict_encoded(x[80:]), y[80:], rtol=0.01)
     again = CalibratedPredictor.from_dict(pred.to_dict(), table, 0.1)
     np.testing.assert_allclose(again.predict_encoded(x[80:]), pred.predict_encoded(x[80:]), rtol=1e-6)
+
+
+def test_op_costs_are_counted_per_instance_across_depths(rng):
+    """A per-op cost is paid once per kept cell running the op: the calibrated fit must see 1 to 3 normal cells."""
+    from hwnas.config import MacroConfig
+    from hwnas.profiling.blocks import cell_shapes, pair_counts
+    from hwnas.profiling.profiler import fit_predictors
+
+    macro = MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=10)
+    blocks = {"overhead_ms": 0.01, "ops_ms": {b.key: float(rng.uniform(0.001, 0.05)) for b in op_blocks(macro)},
+              "fixed_ms": {n: 0.005 for n in ("stem", "head", *(f"cell{i}.pre{k}" for i in range(5) for k in (0, 1)))}}
+    cost = dict(zip(GENOTYPE_OPS, rng.uniform(0.005, 0.03, len(GENOTYPE_OPS))))  # per op instance
+
+    def truth(g) -> float:
+        ms = blocks["overhead_ms"] + blocks["fixed_ms"]["stem"] + blocks["fixed_ms"]["head"]
+        for cell in cell_shapes(macro):
+            if g.active_cells[cell.index]:
+                ms += 2 * 0.005
+                for op, inp in g.reduce if cell.reduction else g.normal:
+                    ms += blocks["ops_ms"][pair_block(cell, op, inp).key] + cost[op]
+        return ms
+
+    space = SearchSpace(macro, depth=True)
+    gs = [space.sample(rng) for _ in range(90)]
+    assert {sum(g.stage_depth) for g in gs} == {1, 2, 3}  # normal cells kept
+    y = np.array([truth(g) for g in gs])
+    fitted, _, validation = fit_predictors(macro, blocks, gs[:60], y[:60], gs[60:], y[60:], y[60:])
+    # The model has the truth's form (scale 1 per op, one cost per instance): it must be exact at every depth.
+    assert validation["per_predictor"]["calibrated"]["mape"] < 0.2
+    coef = np.asarray(fitted["calibrated"]["coef"])
+    np.testing.assert_allclose(coef[len(GENOTYPE_OPS):], [cost[o] for o in GENOTYPE_OPS], rtol=0.05)
+    assert pair_counts(macro).tolist() == [3] * 8 + [2] * 8
+    # Loaded back and moved to another depth, it still charges each dropped op instance.
+    from dataclasses import replace
+
+    from hwnas.profiling.blocks import depth_tables
+
+    tables = depth_tables(macro, blocks, [(1, 0, 0)])
+    pred = CalibratedPredictor.from_dict(fitted["calibrated"], *tables[()])
+    shallow_pred = pred.with_blocks(tables[(1, 0, 0)].table, tables[(1, 0, 0)].fixed_ms, (1, 0, 0), tables[(1, 0, 0)].counts)
+    full, shallow = replace(gs[0], depth=()), replace(gs[0], depth=(1, 0, 0))
+    got = pred.predict([full])[0] - shallow_pred.predict([shallow])[0]
+    assert got == pytest.approx(truth(full) - truth(shallow), rel=0.02)

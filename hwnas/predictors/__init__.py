@@ -17,6 +17,10 @@ PREDICTORS: dict[str, type[LatencyPredictor]] = {p.name: p for p in (BlockSumPre
 
 def profile_tables(profile: "DeviceProfile", depth: Sequence[int] = ()) -> tuple[np.ndarray, float]:
     """The summed block table and the fixed latency a profile's block measurements give at `depth` (() = full)."""
+    return _depth_table(profile, depth)[:2]
+
+
+def _depth_table(profile: "DeviceProfile", depth: Sequence[int] = ()):  # -> hwnas.profiling.blocks.DepthTable
     from hwnas.profiling.blocks import depth_tables
 
     depth = tuple(depth)
@@ -33,12 +37,15 @@ def create_predictor(profile: "DeviceProfile", name: str | None = None, depth: S
         raise ValueError(f"unknown predictor {name!r}; known: {', '.join(PREDICTORS)}")
     if name not in profile.predictors:
         raise ValueError(f"profile {profile.name!r} has no fitted {name!r} predictor; it has {sorted(profile.predictors)}")
-    table, fixed = profile_tables(profile)
-    pred = PREDICTORS[name].from_dict(profile.predictors[name], table, fixed)
+    table, fixed, counts = _depth_table(profile)
+    pred = PREDICTORS[name].from_dict(profile.predictors[name], table, fixed, counts)
     from hwnas.space.genotype import normalize_depth
 
     depth = normalize_depth(depth, profile.macro)
-    return pred.with_blocks(*profile_tables(profile, depth), depth=depth) if depth else pred
+    if not depth:
+        return pred
+    table, fixed, counts = _depth_table(profile, depth)
+    return pred.with_blocks(table, fixed, depth, counts)
 
 
 __all__ = ["PREDICTORS", "BlockSumPredictor", "ByMacroPredictor", "CalibratedPredictor", "ScaledBlockSumPredictor", "LatencyPredictor", "create_predictor", "encode_all"]

@@ -13,8 +13,10 @@ from hwnas.space.ops import GENOTYPE_OPS
 _OP_INDEX = {op: i for i, op in enumerate(GENOTYPE_OPS)}
 # Offset of pair p's (op, input) block in the flattened table.
 _PAIR_BASE = np.arange(N_PAIRS) * (N_OPS * N_INPUTS)
-# Rows of a fit whose networks have another depth: (row indices, that depth's block table, its fixed ms).
-Groups = Sequence[tuple[np.ndarray, np.ndarray, float]]
+# Rows of a fit whose networks have another depth: (row indices, that depth's block table, its fixed ms,
+# its pair counts: kept cells running each pair).
+Groups = Sequence[tuple[np.ndarray, np.ndarray, float, np.ndarray]]
+PER_INSTANCE = "per_instance"  # to_dict's count_term: a per-op cost counted once per kept cell running the pair
 
 
 def encode_all(genotypes: Sequence[Genotype]) -> np.ndarray:
@@ -55,14 +57,20 @@ class LatencyPredictor:
     name = "base"
     depth: tuple[int, ...] = ()  # the elastic depth whose cells block_table sums (() = every cell)
 
-    def __init__(self, block_table: np.ndarray, fixed_ms: float) -> None:
+    def __init__(self, block_table: np.ndarray, fixed_ms: float, counts: np.ndarray | None = None) -> None:
         self.block_table = np.asarray(block_table, dtype=float)  # (N_PAIRS, N_OPS, N_INPUTS) summed block ms
         self.fixed_ms = float(fixed_ms)  # genotype-independent parts: stem, preprocessing, head, run overhead
+        # Kept cells that run each pair (blocks.pair_counts): a per-op cost is paid once per op instance, so a
+        # normal-cell pair counts 3 times at 3 kept normal cells and once at 1. None: once per pair, the rule of
+        # profiles fitted before hwnas counted instances (their coefficients mean that).
+        self.per_instance = counts is not None
+        self.counts = np.ones(N_PAIRS) if counts is None else np.asarray(counts, dtype=float).reshape(N_PAIRS)
 
     def fit(self, genotypes: Sequence[Genotype], latency_ms: np.ndarray,
-            depth_tables: Mapping[tuple[int, ...], tuple[np.ndarray, float]] | None = None) -> "LatencyPredictor":
-        """Fit on measured whole networks; those of another depth need depth_tables[depth] = (block_table, fixed_ms)."""
-        tables = {**(depth_tables or {}), self.depth: (self.block_table, self.fixed_ms)}
+            depth_tables: Mapping[tuple[int, ...], tuple[np.ndarray, float, np.ndarray]] | None = None) -> "LatencyPredictor":
+        """Fit on measured whole networks; those of another depth need depth_tables[depth] = (block_table, fixed_ms,
+        pair counts), as hwnas.profiling.blocks.depth_tables gives them."""
+        tables = {**(depth_tables or {}), self.depth: (self.block_table, self.fixed_ms, self.counts)}
         depths = [g.depth for g in genotypes]
         missing = next((d for d in depths if d not in tables), None)
         if missing is not None:
@@ -74,8 +82,13 @@ class LatencyPredictor:
         raise NotImplementedError
 
     def _groups(self, n: int, groups: Groups | None) -> Groups:
-        """Every row's block table and fixed latency: `groups`, or this predictor's own for all n rows."""
-        return list(groups) if groups else [(np.arange(n), self.block_table, self.fixed_ms)]
+        """Every row's block table, fixed latency and pair counts: `groups`, or this predictor's own for all n rows.
+
+        A predictor built without counts (the per-pair rule) uses one per pair for every group too.
+        """
+        if not groups:
+            return [(np.arange(n), self.block_table, self.fixed_ms, self.counts)]
+        return [(rows, table, fixed, counts if self.per_instance else self.counts) for rows, table, fixed, counts in groups]
 
     def predict(self, genotypes: Sequence[Genotype]) -> np.ndarray:
         """Predicted latency (ms) of each genotype (all of this predictor's depth)."""
@@ -90,16 +103,19 @@ class LatencyPredictor:
         """The lookup table the fitted coefficients give for this predictor's block_table."""
         raise NotImplementedError
 
-    def with_blocks(self, block_table: np.ndarray, fixed_ms: float, depth: tuple[int, ...]) -> "LatencyPredictor":
-        """This fitted predictor applied to the block table of another depth: coefficients and offset unchanged.
+    def with_blocks(self, block_table: np.ndarray, fixed_ms: float, depth: tuple[int, ...],
+                    counts: np.ndarray | None = None) -> "LatencyPredictor":
+        """This fitted predictor applied to the block table (and pair counts) of another depth: coefficients kept.
 
         The fit is per op kind (a scale on block latency and a cost per op instance), so it carries over to any
-        set of kept cells; only the tables that it multiplies change.
+        set of kept cells; only the tables that it multiplies change. `counts` None: this predictor's own.
         """
         if not hasattr(self, "table_"):
             raise ValueError(f"predictor {self.name!r} is not fitted")
         new = copy.copy(self)
         new.block_table, new.fixed_ms, new.depth = np.asarray(block_table, dtype=float), float(fixed_ms), tuple(depth)
+        if counts is not None and self.per_instance:
+            new.counts = np.asarray(counts, dtype=float).reshape(N_PAIRS)
         new.table_ = new.table_from_coef()
         new.intercept_ = new.fixed_ms + (self.intercept_ - self.fixed_ms)
         return new
@@ -120,12 +136,21 @@ class LatencyPredictor:
             "table_ms": np.round(self.table_, 7).tolist(),
             "coef": [float(c) for c in getattr(self, "coef_", [])],
             "shared_factorized_reduce_ms": float(getattr(self, "shared_fr_ms_", 0.0)),
+            "count_term": PER_INSTANCE if self.per_instance else "per_pair",
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], block_table: np.ndarray, fixed_ms: float) -> "LatencyPredictor":
-        """Rebuild a fitted predictor from `to_dict` output; errors name the bad field."""
-        pred = cls(block_table, fixed_ms)
+    def from_dict(cls, data: dict[str, Any], block_table: np.ndarray, fixed_ms: float,
+                  counts: np.ndarray | None = None) -> "LatencyPredictor":
+        """Rebuild a fitted predictor from `to_dict` output; errors name the bad field.
+
+        `counts` (the pair counts of block_table's depth) are used when the parameters were fitted per op
+        instance; parameters without count_term (older profiles) keep their per-pair meaning.
+        """
+        per_instance = isinstance(data, dict) and data.get("count_term") == PER_INSTANCE
+        if per_instance and counts is None:
+            raise ValueError(f"predictor {cls.name!r} counts op instances: give the pair counts of its block table")
+        pred = cls(block_table, fixed_ms, counts if per_instance else None)
         try:
             table = np.asarray(data["table_ms"], dtype=float)
             intercept = float(data["intercept_ms"])

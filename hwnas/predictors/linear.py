@@ -32,22 +32,25 @@ class CalibratedPredictor(LatencyPredictor):
 
     name = "calibrated"
 
-    def __init__(self, block_table: np.ndarray, fixed_ms: float, alphas: tuple[float, ...] = tuple(np.logspace(-4, 3, 15))) -> None:
-        super().__init__(block_table, fixed_ms)
+    def __init__(self, block_table: np.ndarray, fixed_ms: float, counts: np.ndarray | None = None,
+                 alphas: tuple[float, ...] = tuple(np.logspace(-4, 3, 15))) -> None:
+        super().__init__(block_table, fixed_ms, counts)
         self.alphas = alphas
 
     def prior(self) -> np.ndarray:
         """Coefficients meaning "the blocks simply add up": what the ridge penalty shrinks towards."""
         return np.concatenate([np.ones(N_OPS), np.zeros(N_OPS)])
 
-    def basis(self, block_table: np.ndarray | None = None) -> np.ndarray:
-        """(N_PAIRS, N_OPS, N_INPUTS, 2 * N_OPS) features of each table entry: its block ms and a count, per op kind."""
+    def basis(self, block_table: np.ndarray | None = None, counts: np.ndarray | None = None) -> np.ndarray:
+        """(N_PAIRS, N_OPS, N_INPUTS, 2 * N_OPS) features of each table entry, per op kind: its block ms and its
+        op instances (the kept cells that run the pair, `counts`)."""
         table = self.block_table if block_table is None else block_table
+        counts = self.counts if counts is None else counts
         pairs, ops, inputs = table.shape
         phi = np.zeros((pairs, ops, inputs, 2 * N_OPS))
         for o in range(ops):
             phi[:, o, :, o] = table[:, o, :]
-            phi[:, o, :, N_OPS + o] = 1.0
+            phi[:, o, :, N_OPS + o] = np.asarray(counts, dtype=float)[:, None]
         return phi
 
     def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray, groups: Groups | None = None) -> "CalibratedPredictor":
@@ -60,8 +63,8 @@ class CalibratedPredictor(LatencyPredictor):
         # Each network's features come from the blocks of the cells it keeps (its depth's table).
         n_feat = len(self.prior())
         feats, fixed = np.zeros((len(y), n_feat + 1)), np.zeros(len(y))
-        for rows, table, fixed_ms in self._groups(len(y), groups):
-            flat_phi = self.basis(np.asarray(table, dtype=float)).reshape(-1, n_feat)
+        for rows, table, fixed_ms, counts in self._groups(len(y), groups):
+            flat_phi = self.basis(np.asarray(table, dtype=float), counts).reshape(-1, n_feat)
             feats[rows, :n_feat] = flat_phi[flat_index(x[rows])].sum(axis=1)  # (n, F)
             fixed[rows] = fixed_ms
         feats[:, n_feat] = shared_factorized_reduce(x)  # the one interaction between blocks that matters
@@ -94,6 +97,6 @@ class ScaledBlockSumPredictor(CalibratedPredictor):
         """Scale 1: the blocks add up."""
         return np.ones(1)
 
-    def basis(self, block_table: np.ndarray | None = None) -> np.ndarray:
-        """One feature per table entry: its block latency."""
+    def basis(self, block_table: np.ndarray | None = None, counts: np.ndarray | None = None) -> np.ndarray:
+        """One feature per table entry: its block latency (no count term)."""
         return (self.block_table if block_table is None else block_table)[..., None]

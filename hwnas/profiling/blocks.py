@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -102,22 +102,41 @@ def pair_tables(macro: MacroConfig, block_ms: dict[str, float], active: Sequence
     return table
 
 
-DepthTables = dict[tuple[int, ...], tuple[np.ndarray, float]]
+def pair_counts(macro: MacroConfig, active: Sequence[bool] | None = None) -> np.ndarray:
+    """(N_PAIRS,) how many kept cells run pair p: the op instances one genotype pair stands for."""
+    counts = np.zeros(N_PAIRS)
+    for cell in cell_shapes(macro):
+        if active is None or active[cell.index]:
+            base = PAIRS_PER_CELL if cell.reduction else 0
+            counts[base:base + PAIRS_PER_CELL] += 1
+    return counts
+
+
+class DepthTable(NamedTuple):
+    """What a profile's block measurements give for the networks of one depth."""
+
+    table: np.ndarray  # (N_PAIRS, N_OPS, N_INPUTS) summed block ms over the kept cells
+    fixed_ms: float  # stem, kept cells' preprocessing, head, run overhead
+    counts: np.ndarray  # (N_PAIRS,) kept cells running each pair (pair_counts)
+
+
+DepthTables = dict[tuple[int, ...], DepthTable]
 
 
 def depth_tables(macro: MacroConfig, blocks: dict[str, Any], depths: Sequence[tuple[int, ...]]) -> DepthTables:
-    """Block table and fixed latency per depth (full depth `()` always included) from a profile's blocks section."""
+    """Block table, fixed latency and pair counts per depth (full depth `()` always included) from a blocks section."""
     out: DepthTables = {}
     for depth in [(), *depths]:
         if depth not in out:
             active = active_cells(macro, depth)
             fixed = sum(ms for n, ms in blocks["fixed_ms"].items() if fixed_block_kept(n, active)) + blocks["overhead_ms"]
-            out[depth] = (pair_tables(macro, blocks["ops_ms"], active), float(fixed))
+            out[depth] = DepthTable(pair_tables(macro, blocks["ops_ms"], active), float(fixed), pair_counts(macro, active))
     return out
 
 
-def depth_groups(depths: Sequence[tuple[int, ...]], tables: DepthTables) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """(rows, block table, fixed ms) per depth among `depths`: the `groups` of LatencyPredictor.fit_encoded."""
+def depth_groups(depths: Sequence[tuple[int, ...]],
+                 tables: DepthTables) -> list[tuple[np.ndarray, np.ndarray, float, np.ndarray]]:
+    """(rows, block table, fixed ms, pair counts) per depth among `depths`: the `groups` of LatencyPredictor.fit_encoded."""
     rows: dict[tuple[int, ...], list[int]] = {}
     for i, d in enumerate(depths):
         rows.setdefault(d, []).append(i)

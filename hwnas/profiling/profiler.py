@@ -264,12 +264,11 @@ def fit_predictors(macro: MacroConfig, blocks_section: dict[str, Any], cal: Sequ
     from hwnas.predictors import PREDICTORS, encode_all
 
     tables = depth_tables(macro, blocks_section, [g.depth for g in [*cal, *val]])
-    table, fixed_total = tables[()]
     x_cal, x_val = encode_all(cal), encode_all(val)
     cal_groups = depth_groups([g.depth for g in cal], tables)
     fitted, per_pred, cv = {}, {}, {}
     for name, cls in PREDICTORS.items():
-        pred = cls(table, fixed_total).fit_encoded(x_cal, y_cal, cal_groups)
+        pred = cls(*tables[()]).fit_encoded(x_cal, y_cal, cal_groups)
         fitted[name] = pred.to_dict()
         per_pred[name] = validation_figures(predict_depths(pred, x_val, [g.depth for g in val], tables), y_a, y_b)
         cv[name] = cv_mape(cls, tables, x_cal, y_cal, [g.depth for g in cal], seed=seed)
@@ -317,9 +316,9 @@ def validation_figures(pred: np.ndarray, meas_a: np.ndarray, meas_b: np.ndarray)
 def predict_depths(pred: Any, x: np.ndarray, depths: Sequence[tuple[int, ...]], tables: DepthTables) -> np.ndarray:
     """Predictions of a full-depth predictor for encodings `x` whose networks have the given depths."""
     out = np.empty(len(x))
-    for rows, table, fixed in depth_groups(depths, tables):
+    for rows, table, fixed, counts in depth_groups(depths, tables):
         d = depths[rows[0]]
-        out[rows] = (pred.with_blocks(table, fixed, d) if d else pred).predict_encoded(x[rows])
+        out[rows] = (pred.with_blocks(table, fixed, d, counts) if d else pred).predict_encoded(x[rows])
     return out
 
 
@@ -327,11 +326,10 @@ def cv_mape(cls: type, tables: DepthTables, x: np.ndarray, y: np.ndarray, depths
             folds: int = 5, seed: int = 0) -> float:
     """K-fold cross-validated MAPE (%) on the calibration set."""
     idx = np.random.default_rng(seed).permutation(len(y))
-    table, fixed = tables[()]
     errs = []
     for part in np.array_split(idx, min(folds, len(y))):
         train = np.setdiff1d(idx, part)
-        pred = cls(table, fixed).fit_encoded(x[train], y[train], depth_groups([depths[i] for i in train], tables))
+        pred = cls(*tables[()]).fit_encoded(x[train], y[train], depth_groups([depths[i] for i in train], tables))
         errs.append(np.abs(predict_depths(pred, x[part], [depths[i] for i in part], tables) / y[part] - 1))
     return float(np.mean(np.concatenate(errs)) * 100)
 
