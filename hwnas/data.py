@@ -228,6 +228,8 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         x = x[:, None]
     if x.ndim != 4:
         raise ValueError(f"npz: {path}: x must have shape (N, C, H, W) or (N, H, W), got {x.shape}")
+    if _channels_last(x.shape, path):
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ValueError(f"npz: {path}: x must be real numbers, got dtype {x.dtype}")
     if y.ndim != 1:
@@ -242,6 +244,26 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not np.isfinite(x).all():
         raise ValueError(f"npz: {path}: x contains NaN or infinite values")
     return x, y.astype(np.int64)
+
+
+CHANNEL_COUNTS = (1, 3, 4)  # grey, RGB, RGBA: what a channels-last image array ends with
+
+
+def _channels_last(shape: tuple[int, ...], path: Path) -> bool:
+    """Whether an (N, A, B, D) array is channels-last (N, H, W, C); ValueError when the shape cannot tell.
+
+    Channels-first needs A in {1, 3, 4} or an unusual channel count with nothing channels-last about it;
+    channels-last needs D in {1, 3, 4}. When both fit (e.g. (N, 4, 4, 4)), square images decide; else it
+    is ambiguous.
+    """
+    _, a, b, d = shape
+    first, last = a in CHANNEL_COUNTS, d in CHANNEL_COUNTS
+    if first and last:  # e.g. (N, 3, 8, 3): a square image settles it
+        first, last = b == d, a == b
+    if first == last and (first or a in CHANNEL_COUNTS):
+        raise ValueError(f"npz: {path}: x of shape {tuple(shape)} is ambiguous: (N, C, H, W) or (N, H, W, C)? "
+                         "store it channels-first, (N, C, H, W)")
+    return last and not first
 
 
 def _check_labels(spec: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, int]:

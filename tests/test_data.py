@@ -126,3 +126,18 @@ def test_cifar10_batch_that_holds_code_is_refused(tmp_path: Path) -> None:
     (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": Hostile(), b"labels": [0]}))
     with pytest.raises(ValueError, match="refusing to load"):
         load_dataset(f"cifar10:{tmp_path}", resolution=8)
+
+
+def test_npz_channels_last_is_detected(tmp_path: Path) -> None:
+    """(N, H, W, C) with C in {1, 3, 4} is read as C channels, not as H channels of W x C pixels."""
+    rng = np.random.default_rng(0)
+    first = rng.random((30, 3, 8, 8)).astype(np.float32)
+    y = np.arange(30) % 3
+    want = load_dataset(_npz(tmp_path, first, y, "first.npz"), resolution=8, seed=0)
+    got = load_dataset(_npz(tmp_path, first.transpose(0, 2, 3, 1), y, "last.npz"), resolution=8, seed=0)
+    assert got.in_channels == 3
+    assert torch.equal(got.train.tensors[0], want.train.tensors[0])
+    grey = load_dataset(_npz(tmp_path, first[:, :1].transpose(0, 2, 3, 1), y, "grey.npz"), resolution=8, seed=0)
+    assert grey.in_channels == 1
+    with pytest.raises(ValueError, match="ambiguous"):  # 4 channels of 4x4 or 4 channels-last of 4x4?
+        load_dataset(_npz(tmp_path, rng.random((30, 4, 4, 4)).astype(np.float32), y, "amb.npz"), resolution=8, seed=0)
