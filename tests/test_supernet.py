@@ -42,20 +42,55 @@ def test_derive_picks_strongest_edges(tiny_macro):
 
 
 def test_genotype_weights_match_a_discrete_network_with_same_weights(genotype):
-    """With one-hot weights the supernet computes exactly the genotype's sub-network."""
+    """With one-hot weights the supernet computes exactly the genotype's sub-network: a `Network` given the
+    supernet's weights of the chosen ops gives the same output."""
     net = Supernet(genotype.macro).eval()
     w = net.genotype_weights(genotype)
     assert w[0].sum() == 8 and w[1].sum() == 8
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that a mismatched layer shows
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        for cell in net.cells:  # the supernet's pools end in a BatchNorm the discrete network lacks (DARTS):
+            for edge in cell.edges:  # make it the identity, so that the two networks agree exactly
+                for op in edge.ops:
+                    if isinstance(op, torch.nn.Sequential) and isinstance(op[-1], torch.nn.BatchNorm2d) and len(op) == 2:
+                        op[-1].running_mean.zero_()
+                        op[-1].running_var.fill_(1 - op[-1].eps)
+    discrete = Network(genotype).eval()
+    copy_chosen_weights(net, discrete)
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         y = net(x, w)
-    assert torch.isfinite(y).all()
-    # Changing an unselected op's parameters must not change the output.
-    row = int(torch.nonzero(w[0].sum(1) == 0)[0])
-    with torch.no_grad():
+        torch.testing.assert_close(y, discrete(x), rtol=1e-4, atol=1e-5)
+        # Changing an unselected op's parameters must not change the output.
+        row = int(torch.nonzero(w[0].sum(1) == 0)[0])
         for p in net.cells[0].edges[row].parameters():
             p.add_(1.0)
         assert torch.equal(net(x, w), y)
+
+
+def copy_chosen_weights(supernet: Supernet, net: Network) -> None:
+    """Load each of `net`'s layers from the supernet layer its genotype chose (BatchNorm affine: 1 and 0)."""
+    from hwnas.space.ops import PRIMITIVES
+    from hwnas.space.supernet import edge_index
+
+    def load(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+        missing, unexpected = dst.load_state_dict(src.state_dict(), strict=False)
+        if unexpected:  # only a pool's trailing BatchNorm (made the identity above)
+            assert not list(dst.parameters()) and isinstance(src[-1], torch.nn.BatchNorm2d), unexpected
+        assert all(k.rsplit(".", 1)[-1] in ("weight", "bias") and
+                   isinstance(dst.get_submodule(k.rsplit(".", 1)[0]), torch.nn.BatchNorm2d) for k in missing), missing
+
+    load(net.stem, supernet.stem)
+    load(net.classifier, supernet.classifier)
+    g = net.genotype
+    for cell, scell in zip(net.cells, supernet.cells):
+        load(cell.preprocess0, scell.preprocess0)
+        load(cell.preprocess1, scell.preprocess1)
+        for k, (op, inp) in enumerate(g.reduce if cell.reduction else g.normal):
+            load(cell.ops[k], scell.edges[edge_index(k // 2, inp)].ops[PRIMITIVES.index(op)])
 
 
 def test_dropped_cells_are_skipped_like_the_discrete_network(rng):
