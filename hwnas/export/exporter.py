@@ -1,7 +1,6 @@
 """Export every Pareto member to ONNX, verify it (checker, onnxruntime vs PyTorch) and re-measure its latency."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from hwnas.data import splits_at
-from hwnas.jsonio import atomic_write_text, load_json
+from hwnas.jsonio import atomic_write_json, load_json
 from hwnas.search.front import FrontMember, ParetoFront
 from hwnas.space.genotype import Genotype
 from hwnas.space.network import Network, count_params
@@ -259,7 +258,7 @@ def export_front(
 
     report = _report(rows, front, profiles, train_epochs, train_seeds, threads, tolerance, measure_error, sentinel)
     report["summary"]["noise_now_within_10pct"] = noise_now
-    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
+    atomic_write_json(out_dir / REPORT_NAME, report)
     return report
 
 
