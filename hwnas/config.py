@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 
@@ -68,6 +69,16 @@ class MacroConfig:
         """Parse a dict, naming unknown or missing keys."""
         _check_keys(cls, data, "macro", require_all=True)
         return _build(cls, data, "macro")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MacroConfig":
+        """Read a macro JSON file (`hwnas profile --macro`); errors name the file."""
+        from hwnas.jsonio import read_json
+
+        try:
+            return cls.from_dict(read_json(path, "macro"))
+        except ValueError as err:
+            raise ValueError(err if str(path) in str(err) else f"{path}: {err}") from None
 
 
 DEFAULT_MACRO = MacroConfig()

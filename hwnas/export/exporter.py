@@ -381,6 +381,9 @@ def format_table(report: dict[str, Any]) -> str:
 def load_report(path: str | Path) -> dict[str, Any]:
     """Read an export_report.json; errors name the file."""
     data = load_json(path, "no such export report")
-    if not isinstance(data, dict) or data.get("schema_version") != REPORT_VERSION or "members" not in data:
+    if not isinstance(data, dict) or data.get("schema_version") != REPORT_VERSION:
         raise ValueError(f"{path}: not an hwnas export report (schema_version {REPORT_VERSION})")
+    members, summary = data.get("members"), data.get("summary")
+    if not isinstance(summary, dict) or not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        raise ValueError(f"{path}: not an hwnas export report (needs a 'summary' object and a 'members' list)")
     return data
