@@ -216,3 +216,26 @@ def test_a_drifted_device_is_measured_again_and_the_closest_attempt_kept(front: 
     assert report["summary"]["sentinel"][0]["attempts"] == [1.5, 1.05]
     assert report["summary"]["sentinel"][0]["scale"] == pytest.approx(1.05)
 
+
+
+def test_a_rerun_keeps_the_members_an_interrupted_export_finished(front: ParetoFront, tmp_path, monkeypatch) -> None:
+    calls, killed = [], []
+    real = exporter._export_member
+
+    def dies_on_the_second(rank, *args, **kwargs):
+        if rank == 1 and not killed:
+            killed.append(rank)
+            raise KeyboardInterrupt  # the kill, after member 0 was exported
+        calls.append(rank)
+        return real(rank, *args, **kwargs)
+
+    monkeypatch.setattr(exporter, "_export_member", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_front(front, tmp_path, measure_fn=fake_measure)
+    assert (tmp_path / exporter.PARTIAL_NAME).exists()
+    calls.clear()
+    calls.append("resumed")
+    report = export_front(front, tmp_path, measure_fn=fake_measure)
+    assert calls == ["resumed", 1]  # member 0 was not exported again
+    assert report["summary"]["n_passed"] == 2 and not (tmp_path / exporter.PARTIAL_NAME).exists()
+    assert report == export_front(front, tmp_path / "again", measure_fn=fake_measure)

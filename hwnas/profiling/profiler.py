@@ -411,8 +411,14 @@ def measure_genotypes(
     genotypes: list[Genotype], threads: int = 1, rounds: int = 4, runs: int = 100, warmup: int = 10,
     optimization_level: str = "all", sentinel: bool = True, progress: Progress | None = None,
     detailed: bool = False, seed: int = 0, interleave: int = timer.TimingConfig.interleave,
+    partial: str | Path | None = None, resume: bool = False,
 ) -> np.ndarray | Measurement:
-    """Measured latency (ms) of each genotype with the profiling methodology; `detailed`: a Measurement."""
+    """Measured latency (ms) of each genotype with the profiling methodology; `detailed`: a Measurement.
+
+    `partial`: a file that keeps every finished timing as it is taken (with a .jsonl journal beside it, as a
+    profile's sidecar), so that a run killed at any point and repeated with `resume` measures only what is
+    left; it is removed when the measurement completes. Without `resume` an existing one is replaced.
+    """
     if not genotypes:
         empty = np.zeros(0)
         return Measurement(empty, float("nan"), empty, empty) if detailed else empty
@@ -426,8 +432,12 @@ def measure_genotypes(
     cands = [network_candidate(k, g) for k, g in zip(keys, genotypes)]
     sent = network_candidate("sentinel", sentinel_genotype(genotypes[0].macro)) if sentinel else None
     total = rounds * len(cands)
-    lat, records = timer.measure_models(cands, tcfg, sent, seed=seed,
-                                        progress=(lambda n: progress(n, total, "measure")) if progress else None)
+    step = (lambda n: progress(n, total, "measure")) if progress else None
+    if partial is None:
+        lat, records = timer.measure_models(cands, tcfg, sent, seed=seed, progress=step)
+    else:
+        records = _measure_resumable(cands, tcfg, sent, seed, Path(partial), resume, step)
+        lat = timer.combine(records, **tcfg.reduction())
     ms = np.array([lat[k] for k in keys])
     if not detailed:
         return ms
@@ -435,6 +445,23 @@ def measure_genotypes(
     halves = timer.split_halves(records, None if np.isnan(ref) else ref, rounds, **tcfg.reduction())
     a, b = (np.array([h.get(k, np.nan) for k in keys]) for h in halves)
     return Measurement(ms, ref, a, b)
+
+
+def _measure_resumable(cands: list[timer.Candidate], tcfg: timer.TimingConfig, sentinel: timer.Candidate | None,
+                       seed: int, partial: Path, resume: bool, step: Callable[[int], None] | None) -> list[timer.Record]:
+    """timer.measure_models, every finished timing kept in `partial` and skipped when resumed."""
+    key = {"kind": "measure", "models": [c.key for c in cands], **tcfg.to_dict(), "seed": seed}
+    side = _Sidecar(partial, key, resume)
+    if step is not None and side.records:
+        step(len(side.records))
+    t0, before = time.monotonic(), side.elapsed_before
+    for r in range(tcfg.rounds):
+        timer.run_round(cands, r, tcfg, sentinel if tcfg.sentinel else None, seed=seed,
+                        done=lambda k, rr: (k, rr) in side.done,
+                        on_record=lambda rec: (side.add(rec, before + time.monotonic() - t0), step and step(1)))
+    records = list(side.records)
+    side.remove()
+    return records
 
 
 def has_repeatable_sentinel(profile: DeviceProfile) -> bool:
