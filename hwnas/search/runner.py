@@ -259,6 +259,7 @@ def search(
     ckpt = _Checkpoint(Path(checkpoint) if checkpoint else None, problem, cfg, np.zeros(3))
     state = ckpt.read(Path(resume)) if resume else None
     if state is not None:
+        log.info("resuming %s after generation %s of %d", resume, state["generation"], cfg.gens)
         ref = np.asarray(state["reference_point"], dtype=float)
     elif reference_point is not None:
         ref = np.asarray(reference_point, dtype=float)
