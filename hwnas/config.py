@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 
@@ -16,6 +17,19 @@ def _check_keys(cls: type, data: Any, what: str, require_all: bool = False) -> N
     missing = known - set(data)
     if require_all and missing:
         raise ValueError(f"{what} is missing keys {sorted(missing)}")
+
+
+def _build(cls: type, data: dict[str, Any], what: str) -> Any:
+    """cls(**data) with a wrong-typed value (a string for a number, say) reported as ValueError naming `what`."""
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise ValueError(f"{what}: a value has the wrong type ({err})") from None
+
+
+# Upper bounds of a macro's fields: far above any network hwnas can train or time, low enough that a damaged
+# or hostile file cannot ask for a 10**100-channel network.
+MACRO_LIMITS = {"C": 4096, "layers": 200, "in_channels": 4096, "resolution": 4096, "classes": 1_000_000}
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,8 @@ class MacroConfig:
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"macro.{f.name} must be a positive integer, got {value!r}")
+            if value > MACRO_LIMITS[f.name]:
+                raise ValueError(f"macro.{f.name} = {value} is above the limit {MACRO_LIMITS[f.name]}")
         if self.layers < 3:
             raise ValueError(f"macro.layers must be >= 3 so both reduction cells exist, got {self.layers}")
 
@@ -52,7 +68,17 @@ class MacroConfig:
     def from_dict(cls, data: Any) -> "MacroConfig":
         """Parse a dict, naming unknown or missing keys."""
         _check_keys(cls, data, "macro", require_all=True)
-        return cls(**data)
+        return _build(cls, data, "macro")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MacroConfig":
+        """Read a macro JSON file (`hwnas profile --macro`); errors name the file."""
+        from hwnas.jsonio import read_json
+
+        try:
+            return cls.from_dict(read_json(path, "macro"))
+        except ValueError as err:
+            raise ValueError(err if str(path) in str(err) else f"{path}: {err}") from None
 
 
 DEFAULT_MACRO = MacroConfig()
@@ -92,7 +118,7 @@ class SupernetConfig:
         if not isinstance(self.macro, MacroConfig):
             raise ValueError(f"macro must be a MacroConfig, got {type(self.macro).__name__}")
         if not isinstance(self.resolutions, tuple) or not all(
-            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in self.resolutions
+            isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= MACRO_LIMITS["resolution"] for r in self.resolutions
         ):
             raise ValueError(f"resolutions must be a tuple of positive integers, got {self.resolutions!r}")
         if len(self.all_resolutions) > 1 and self.sample_epochs == 0:
@@ -139,7 +165,7 @@ class SupernetConfig:
             data["macro"] = MacroConfig.from_dict(data["macro"])
         if isinstance(data.get("resolutions"), list):  # JSON has no tuples
             data["resolutions"] = tuple(data["resolutions"])
-        return cls(**data)
+        return _build(cls, data, "supernet config")
 
 
 SEARCH_ALGORITHMS = ("nsga2", "random")
@@ -184,7 +210,7 @@ class SearchConfig:
     def from_dict(cls, data: Any) -> "SearchConfig":
         """Parse a dict, naming unknown keys."""
         _check_keys(cls, data, "search config")
-        return cls(**data)
+        return _build(cls, data, "search config")
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -214,16 +215,19 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"npz: no such file {path}")
     try:
         with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):  # a bare .npy file
+                raise ValueError(f"npz: {path} is not an .npz archive (arrays x and y)")
             missing = [k for k in ("x", "y") if k not in npz.files]
             if missing:
                 raise ValueError(f"npz: {path} lacks array(s) {missing}; found {npz.files}")
+            _check_npz_sizes(npz, path)
             x, y = npz["x"], npz["y"]
     except ValueError as err:
         if str(err).startswith("npz:"):
             raise
         raise ValueError(f"npz: cannot read {path} ({err})") from None
-    except (OSError, EOFError) as err:
-        raise ValueError(f"npz: cannot read {path} ({err})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
+        raise ValueError(f"npz: cannot read {path} ({type(err).__name__}: {err})") from None
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
@@ -264,6 +268,18 @@ def _channels_last(shape: tuple[int, ...], path: Path) -> bool:
         raise ValueError(f"npz: {path}: x of shape {tuple(shape)} is ambiguous: (N, C, H, W) or (N, H, W, C)? "
                          "store it channels-first, (N, C, H, W)")
     return last and not first
+def _check_npz_sizes(npz: Any, path: Path) -> None:
+    """Refuse arrays whose header claims more data than the archive member holds (before numpy allocates it)."""
+    for name in ("x", "y"):
+        info = npz.zip.getinfo(f"{name}.npy")
+        with npz.zip.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f, max_header_size=10_000)
+        claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if claimed > info.file_size:
+            raise ValueError(f"npz: {path}: array {name} claims shape {shape} ({claimed} bytes), but the file holds "
+                             f"{info.file_size} bytes")
 
 
 def _check_labels(spec: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, int]:

@@ -18,6 +18,8 @@ from hwnas.space import SearchSpace
 
 
 @pytest.fixture
+
+
 def front(tiny_macro: MacroConfig, rng: np.random.Generator) -> ParetoFront:
     space = SearchSpace(tiny_macro)
     members = [FrontMember(space.sample(rng), 0.1 * (i + 1), 1.0 + i, 0.01) for i in range(2)]
@@ -176,6 +178,8 @@ def test_real_measurement_of_one_member(front: ParetoFront, tmp_path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+
+
 def test_unwritable_out_dir(front: ParetoFront, tmp_path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -240,3 +244,24 @@ def test_a_later_macro_without_repeatable_sentinel_keeps_the_earlier_rescaling(t
     assert "latency_ratio_rescaled" not in report["members"][1]
     table = format_table(report)  # was a TypeError: the summary's sentinel list was None
     assert "x 1.250 (8px)" in table
+def test_a_rerun_keeps_the_members_an_interrupted_export_finished(front: ParetoFront, tmp_path, monkeypatch) -> None:
+    calls, killed = [], []
+    real = exporter._export_member
+
+    def dies_on_the_second(rank, *args, **kwargs):
+        if rank == 1 and not killed:
+            killed.append(rank)
+            raise KeyboardInterrupt  # the kill, after member 0 was exported
+        calls.append(rank)
+        return real(rank, *args, **kwargs)
+
+    monkeypatch.setattr(exporter, "_export_member", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_front(front, tmp_path, measure_fn=fake_measure)
+    assert (tmp_path / exporter.PARTIAL_NAME).exists()
+    calls.clear()
+    calls.append("resumed")
+    report = export_front(front, tmp_path, measure_fn=fake_measure)
+    assert calls == ["resumed", 1]  # member 0 was not exported again
+    assert report["summary"]["n_passed"] == 2 and not (tmp_path / exporter.PARTIAL_NAME).exists()
+    assert report == export_front(front, tmp_path / "again", measure_fn=fake_measure)

@@ -153,3 +153,45 @@ def test_predict_rescale_follows_the_sentinel_measured_now(tmp_path, tiny_macro,
     foreign = DeviceProfile.from_dict({**profile.to_dict(), "sentinel": {}})
     with pytest.raises(ValueError, match="no sentinel"):
         profiler.sentinel_scale(foreign)
+
+
+def test_sidecar_journal_keeps_every_timing_a_kill_leaves(tmp_path):
+    """Records reach the journal as they finish; a resumed sidecar sees them all, and a torn last line is dropped."""
+    path, key = tmp_path / "p.json.partial.json", {"seed": 0}
+    side = profiler._Sidecar(path, key, resume=False)
+    for i in range(5):
+        side.add((f"k{i}", 0, 1.0 + i, 2.0), elapsed=float(i))
+    # SIGKILL: no save, no compaction; the write that was in flight left half a line
+    with open(profiler.journal_path(path), "a") as f:
+        f.write('["k5", 0, 1.')
+    again = profiler._Sidecar(path, key, resume=True)
+    assert [r[0] for r in again.records] == [f"k{i}" for i in range(5)] and again.elapsed_before == 4.0
+    assert not profiler.journal_path(path).exists()  # folded into the JSON file on resuming
+    with pytest.raises(ValueError, match="different settings"):
+        profiler._Sidecar(path, {"seed": 1}, resume=True)
+    profiler.journal_path(path).write_text('["a", 0, 1.0, 2.0, 1.0]\nnot json\n["b", 0, 1.0, 2.0, 1.0]\n')
+    with pytest.raises(ValueError, match="line 2"):
+        profiler._Sidecar(path, key, resume=True)
+
+
+def test_measure_resumed_after_a_kill_times_only_what_is_left(tmp_path, tiny_macro, fake_device, monkeypatch):
+    gs = [SearchSpace(tiny_macro).sample(np.random.default_rng(i)) for i in range(3)]
+    kw = dict(rounds=2, runs=3, warmup=0, partial=tmp_path / "m.partial.json")
+    want = profiler.measure_genotypes(gs, rounds=2, runs=3, warmup=0)
+    fake_device.clear()
+    real = timer.time_pair
+
+    def dies_after_four(first, second, cfg):
+        if len(fake_device) >= 8:  # two time_model calls per pair
+            raise KeyboardInterrupt  # stands for the kill: nothing after this point runs
+        return real(first, second, cfg)
+
+    monkeypatch.setattr(timer, "time_pair", dies_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        profiler.measure_genotypes(gs, **kw)
+    monkeypatch.setattr(timer, "time_pair", real)
+    fake_device.clear()
+    got = profiler.measure_genotypes(gs, resume=True, **kw)
+    assert len(fake_device) == 2 * (2 * 3 - 4)  # the 4 finished pairs were not timed again
+    np.testing.assert_allclose(got, want)
+    assert not (tmp_path / "m.partial.json").exists()

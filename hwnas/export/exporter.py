@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from hwnas.data import splits_at
-from hwnas.jsonio import atomic_write_text, load_json
+from hwnas.jsonio import atomic_write_json, load_json
 from hwnas.search.front import FrontMember, ParetoFront
 from hwnas.space.genotype import Genotype
 from hwnas.space.network import Network, count_params
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 REPORT_VERSION = 1
 REPORT_NAME = "export_report.json"
+PARTIAL_NAME = "export_report.partial.json"  # rows of the members exported so far: a rerun keeps them
 MAX_ABS_DIFF = 1e-4  # onnxruntime vs PyTorch on the same float32 input
 LATENCY_TOLERANCE = 0.10  # "measured within +-10 % of predicted"
 DRIFT_RETRIES = 2  # re-measurements of a macro's networks while its sentinel is > 10 % off the profiled one
@@ -227,9 +228,20 @@ def export_front(
 
     rows = []
     n = len(front.members)
+    finished = _read_partial(out_dir)  # members a killed run already exported (and trained)
     for rank, member in enumerate(front.members):
         epochs = train_epochs if train_ids is None or member.arch_id in train_ids else 0
-        rows.append(_export_member(rank, member, out_dir, epochs, data, seed, tolerance, train_fn, train_seeds))
+        key = _member_key(rank, member, epochs, train_seeds, seed, tolerance)
+        row = finished.get(key)
+        if row is None:
+            row = _export_member(rank, member, out_dir, epochs, data, seed, tolerance, train_fn, train_seeds)
+            if not row["errors"]:
+                finished[key] = json.loads(json.dumps(row))
+                atomic_write_json(out_dir / PARTIAL_NAME, {"schema_version": REPORT_VERSION,
+                                                           "members": [{"key": k, "row": r} for k, r in finished.items()]})
+        else:
+            log.info("member %d (%s) was exported by an earlier run; kept", rank, member.arch_id)
+        rows.append(row)
         if progress is not None:
             progress("export", rank + 1, n)
 
@@ -259,8 +271,30 @@ def export_front(
 
     report = _report(rows, front, profiles, train_epochs, train_seeds, threads, tolerance, measure_error, sentinel)
     report["summary"]["noise_now_within_10pct"] = noise_now
-    atomic_write_text(out_dir / REPORT_NAME, json.dumps(report, indent=1) + "\n")
+    atomic_write_json(out_dir / REPORT_NAME, report)
+    (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
     return report
+
+
+def _member_key(rank: int, member: FrontMember, epochs: int, seeds: int, seed: int, tolerance: float) -> str:
+    """What decides a member's export: an earlier run's row is reused only when all of it is the same."""
+    return json.dumps([rank, member.arch_id, epochs, seeds if epochs else 1, seed, tolerance])
+
+
+def _read_partial(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Rows of members an interrupted export finished, whose files are still there (a damaged file: none)."""
+    path = out_dir / PARTIAL_NAME
+    if not path.exists():
+        return {}
+    try:
+        data = load_json(path, "no partial export")
+        entries = data["members"] if isinstance(data, dict) and data.get("schema_version") == REPORT_VERSION else []
+        rows = {e["key"]: e["row"] for e in entries if isinstance(e, dict) and isinstance(e.get("row"), dict)}
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("%s: ignored (%s); every member is exported again", path, err)
+        return {}
+    return {k: r for k, r in rows.items() if isinstance(k, str) and all(
+        isinstance(r.get(f), str) and (out_dir / r[f]).is_file() for f in ("arch", "onnx"))}
 
 
 def _sentinel_rescale(rows: list[dict], genotypes: list[Genotype], profiles: dict[Any, Any],
@@ -383,6 +417,9 @@ def format_table(report: dict[str, Any]) -> str:
 def load_report(path: str | Path) -> dict[str, Any]:
     """Read an export_report.json; errors name the file."""
     data = load_json(path, "no such export report")
-    if not isinstance(data, dict) or data.get("schema_version") != REPORT_VERSION or "members" not in data:
+    if not isinstance(data, dict) or data.get("schema_version") != REPORT_VERSION:
         raise ValueError(f"{path}: not an hwnas export report (schema_version {REPORT_VERSION})")
+    members, summary = data.get("members"), data.get("summary")
+    if not isinstance(summary, dict) or not isinstance(members, list) or not all(isinstance(m, dict) for m in members):
+        raise ValueError(f"{path}: not an hwnas export report (needs a 'summary' object and a 'members' list)")
     return data

@@ -1,7 +1,6 @@
 """The device profile file: what was measured where, the fitted predictors and their honest validation."""
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from typing import Any
 
 from hwnas.config import MacroConfig
 from hwnas.space.genotype import SPACE_NAME
+from hwnas import jsonio
 from hwnas.jsonio import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -21,20 +21,8 @@ FINGERPRINT_KEYS = ("cpu_model", "cores", "machine", "onnxruntime_version")
 VALIDATION_KEYS = ("n", "mape", "within_5pct", "within_10pct", "spearman", "kendall", "noise_ceiling_within_10pct")
 
 
-def read_json(path: str | Path, what: str) -> Any:
-    """Parse a JSON file; errors name the file and say whether it is missing, truncated or not JSON."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such {what} file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a {what} file (not UTF-8 text)") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        hint = "truncated or corrupt" if text.strip() else "empty"
-        raise ValueError(f"{path}: {what} file is {hint}: invalid JSON ({err})") from None
+# The strict reader every hwnas file goes through (kept importable from here for older callers).
+read_json = jsonio.read_json
 
 
 @dataclass
@@ -94,11 +82,18 @@ class DeviceProfile:
             macro = MacroConfig.from_dict(space["macro"])
         except ValueError as err:
             raise ValueError(f"space.{err}") from None
-        for key in ("device", "validation", "blocks", "predictors"):
-            if not isinstance(data[key], dict):
+        for key in ("device", "validation", "blocks", "predictors", "sentinel", "meta"):
+            if not isinstance(data.get(key, {}), dict):
                 raise ValueError(f"field {key!r} must be an object")
-        if not isinstance(data.get("sentinel", {}), dict):  # hand-edited files: fail here, not deep in export
-            raise ValueError(f"field 'sentinel' must be an object, got {type(data['sentinel']).__name__}")
+        for key in ("calibration", "validation_set"):
+            rows = data.get(key, [])
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise ValueError(f"field {key!r} must be a list of objects")
+        bad = [k for k, v in data["predictors"].items() if not isinstance(v, dict)]
+        if bad:
+            raise ValueError(f"predictors.{bad[0]} must be an object")
+        if not isinstance(data["default_predictor"], str):
+            raise ValueError("field 'default_predictor' must be a predictor name")
         missing = [k for k in VALIDATION_KEYS if k not in data["validation"]]
         if missing:
             raise ValueError(f"validation block is missing {missing}")

@@ -14,7 +14,7 @@ from torch import nn
 from hwnas.config import MacroConfig, ProfileConfig
 from hwnas.profiling import timer
 from hwnas.profiling.blocks import BlockSpec, DepthTables, depth_groups, depth_tables, fixed_blocks, op_blocks
-from hwnas.jsonio import atomic_write_json
+from hwnas.jsonio import atomic_write_json, dumps, parse_json, read_text
 from hwnas.profiling.device_profile import DeviceProfile, read_json
 from hwnas.profiling.onnx_io import onnx_bytes
 from hwnas.space.genotype import Genotype, SearchSpace
@@ -69,45 +69,106 @@ def module_candidate(key: str, module: nn.Module, shape: tuple[int, ...]) -> tim
     return timer.Candidate(key, onnx_bytes(module, shape), tuple(shape))
 
 
+def journal_path(sidecar: Path) -> Path:
+    """The append-only journal next to a partial profile: one line per timing since the last compaction."""
+    return sidecar.with_name(sidecar.name + "l")  # <out>.partial.jsonl
+
+
 class _Sidecar:
-    """Resumable partial state: the config it belongs to and every timing record so far, written atomically."""
+    """Resumable partial state of a profile, so that no finished timing is ever measured twice.
+
+    `<out>.partial.json` holds the config it belongs to and the records up to its last compaction (written
+    atomically); `<out>.partial.jsonl` gets one line per timing the moment it finishes (a single appended
+    write, so even SIGKILL loses nothing but the timing in progress). Every COMPACT_S seconds, on an
+    interruption and when resuming, the journal is folded into the JSON file.
+    """
+
+    COMPACT_S = 30.0
 
     def __init__(self, path: Path, key: dict[str, Any], resume: bool) -> None:
-        self.path, self.key = path, key
+        self.path, self.key, self.journal = path, key, journal_path(path)
         self.records: list[timer.Record] = []
         self.elapsed_before = 0.0
-        self._last_save = 0.0
-        if resume and path.exists():
-            data = read_json(path, "partial profile")
-            if not isinstance(data, dict) or data.get("schema_version") != SIDECAR_SCHEMA_VERSION:
-                raise ValueError(f"{path}: not a partial profile of this hwnas version; delete it or run without --resume")
-            if data.get("config") != key:
-                diff = sorted(k for k in key if data.get("config", {}).get(k) != key[k])
-                raise ValueError(f"{path}: was started with different settings ({', '.join(diff)}); use the same flags or drop --resume")
-            try:
-                self.records = [(str(k), int(r), float(t), float(s)) for k, r, t, s in data["records"]]
-                self.elapsed_before = float(data.get("elapsed_s", 0.0))
-            except (KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path}: malformed timing records ({err}); delete it or run without --resume") from None
+        if resume and (path.exists() or self.journal.exists()):
+            if path.exists():
+                self._read_header()
+            self._read_journal()
             log.info("resuming %s: %d timings already done", path, len(self.records))
         elif resume:
             log.info("--resume: no partial state at %s, starting fresh", path)
         elif path.exists():
             log.info("replacing the partial state at %s (pass --resume to continue it instead)", path)
         self.done = {(k, r) for k, r, _, _ in self.records}
+        self.save(self.elapsed_before)  # the header first: a journal is only ever read next to its config
+
+    def _read_header(self) -> None:
+        data = read_json(self.path, "partial profile")
+        if not isinstance(data, dict) or data.get("schema_version") != SIDECAR_SCHEMA_VERSION:
+            raise ValueError(f"{self.path}: not a partial profile of this hwnas version; delete it or run without --resume")
+        config = data.get("config")
+        if config != self.key:
+            config = config if isinstance(config, dict) else {}
+            diff = sorted(k for k in self.key if config.get(k) != self.key[k])
+            raise ValueError(f"{self.path}: was started with different settings ({', '.join(diff)}); use the same flags or drop --resume")
+        try:
+            self.records = [_record(r) for r in data["records"]]
+            self.elapsed_before = float(data.get("elapsed_s", 0.0))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{self.path}: malformed timing records ({err}); delete it or run without --resume") from None
+
+    def _read_journal(self) -> None:
+        if not self.journal.exists():
+            return
+        if not self.path.exists():
+            raise ValueError(f"{self.journal}: timings without their {self.path.name}; delete it or run without --resume")
+        lines = read_text(self.journal, "profile journal").splitlines()
+        seen = {(k, r) for k, r, _, _ in self.records}
+        for i, line in enumerate(lines):
+            try:
+                *rec, elapsed = parse_json(line, f"{self.journal}: line {i + 1}")
+                rec = _record(rec)
+            except (TypeError, ValueError) as err:
+                if i == len(lines) - 1:  # the write a kill interrupted: that timing was not finished
+                    break
+                raise ValueError(f"{self.journal}: line {i + 1}: malformed timing record ({err}); delete it or run "
+                                 "without --resume") from None
+            if (rec[0], rec[1]) not in seen:
+                seen.add((rec[0], rec[1]))
+                self.records.append(rec)
+            self.elapsed_before = max(self.elapsed_before, float(elapsed))
 
     def add(self, rec: timer.Record, elapsed: float) -> None:
+        """Record one finished timing: in memory, and on disk at once (journal)."""
         self.records.append(rec)
         self.done.add((rec[0], rec[1]))
-        if time.monotonic() - self._last_save > 2.0:  # a few seconds of work at most is lost on a crash
+        with open(self.journal, "a") as f:
+            f.write(dumps([*rec, elapsed]) + "\n")
+        if time.monotonic() - self._last_save > self.COMPACT_S:
             self.save(elapsed)
 
     def save(self, elapsed: float) -> None:
+        """Fold everything into the JSON file (atomically), then empty the journal."""
         atomic_write_json(self.path, {
             "schema_version": SIDECAR_SCHEMA_VERSION, "config": self.key,
             "elapsed_s": elapsed, "records": [list(r) for r in self.records],
         })
+        self.journal.unlink(missing_ok=True)  # a kill before this line leaves duplicates, dropped on reading
         self._last_save = time.monotonic()
+
+    def remove(self) -> None:
+        """The profile is complete: no partial state is left behind."""
+        self.path.unlink(missing_ok=True)
+        self.journal.unlink(missing_ok=True)
+
+
+def _record(r: Any) -> timer.Record:
+    """A timing record from JSON: [key, round, candidate ms, sentinel ms or null]."""
+    if not isinstance(r, (list, tuple)) or len(r) != 4:
+        raise ValueError(f"expected [key, round, ms, sentinel ms], got {str(r)[:80]}")
+    k, rnd, t, sent = r
+    if not isinstance(k, str) or not isinstance(rnd, int) or isinstance(rnd, bool):
+        raise ValueError(f"expected a key and a round number, got {str(r)[:80]}")
+    return k, rnd, float(t), float("nan") if sent is None else float(sent)
 
 
 @dataclass
@@ -193,7 +254,7 @@ def profile_device(cfg: ProfileConfig, progress: Progress | None = None) -> Devi
     profile.meta.update({"elapsed_s": round(elapsed(), 1), "rounds_completed": rounds_run})
     profile.save(out)
     if rounds_run == cfg.rounds:
-        side.path.unlink(missing_ok=True)
+        side.remove()
     log.info("wrote %s", out)
     return profile
 
@@ -348,8 +409,14 @@ def measure_genotypes(
     genotypes: list[Genotype], threads: int = 1, rounds: int = 4, runs: int = 100, warmup: int = 10,
     optimization_level: str = "all", sentinel: bool = True, progress: Progress | None = None,
     detailed: bool = False, seed: int = 0, interleave: int = timer.TimingConfig.interleave,
+    partial: str | Path | None = None, resume: bool = False,
 ) -> np.ndarray | Measurement:
-    """Measured latency (ms) of each genotype with the profiling methodology; `detailed`: a Measurement."""
+    """Measured latency (ms) of each genotype with the profiling methodology; `detailed`: a Measurement.
+
+    `partial`: a file that keeps every finished timing as it is taken (with a .jsonl journal beside it, as a
+    profile's sidecar), so that a run killed at any point and repeated with `resume` measures only what is
+    left; it is removed when the measurement completes. Without `resume` an existing one is replaced.
+    """
     if not genotypes:
         empty = np.zeros(0)
         return Measurement(empty, float("nan"), empty, empty) if detailed else empty
@@ -363,8 +430,12 @@ def measure_genotypes(
     cands = [network_candidate(k, g) for k, g in zip(keys, genotypes)]
     sent = network_candidate("sentinel", sentinel_genotype(genotypes[0].macro)) if sentinel else None
     total = rounds * len(cands)
-    lat, records = timer.measure_models(cands, tcfg, sent, seed=seed,
-                                        progress=(lambda n: progress(n, total, "measure")) if progress else None)
+    step = (lambda n: progress(n, total, "measure")) if progress else None
+    if partial is None:
+        lat, records = timer.measure_models(cands, tcfg, sent, seed=seed, progress=step)
+    else:
+        records = _measure_resumable(cands, tcfg, sent, seed, Path(partial), resume, step)
+        lat = timer.combine(records, **tcfg.reduction())
     ms = np.array([lat[k] for k in keys])
     if not detailed:
         return ms
@@ -372,6 +443,23 @@ def measure_genotypes(
     halves = timer.split_halves(records, None if np.isnan(ref) else ref, rounds, **tcfg.reduction())
     a, b = (np.array([h.get(k, np.nan) for k in keys]) for h in halves)
     return Measurement(ms, ref, a, b)
+
+
+def _measure_resumable(cands: list[timer.Candidate], tcfg: timer.TimingConfig, sentinel: timer.Candidate | None,
+                       seed: int, partial: Path, resume: bool, step: Callable[[int], None] | None) -> list[timer.Record]:
+    """timer.measure_models, every finished timing kept in `partial` and skipped when resumed."""
+    key = {"kind": "measure", "models": [c.key for c in cands], **tcfg.to_dict(), "seed": seed}
+    side = _Sidecar(partial, key, resume)
+    if step is not None and side.records:
+        step(len(side.records))
+    t0, before = time.monotonic(), side.elapsed_before
+    for r in range(tcfg.rounds):
+        timer.run_round(cands, r, tcfg, sentinel if tcfg.sentinel else None, seed=seed,
+                        done=lambda k, rr: (k, rr) in side.done,
+                        on_record=lambda rec: (side.add(rec, before + time.monotonic() - t0), step and step(1)))
+    records = list(side.records)
+    side.remove()
+    return records
 
 
 def has_repeatable_sentinel(profile: DeviceProfile) -> bool:

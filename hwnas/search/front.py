@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hwnas.space.genotype import Genotype
-from hwnas.jsonio import atomic_write_text, load_json
+from hwnas.jsonio import atomic_write_json, load_json
 
 SCHEMA_VERSION = 1
 OBJECTIVES = ("error", "latency_ms", "params_m")
@@ -175,7 +175,7 @@ class ParetoFront:
     def save(self, path: str | Path) -> Path:
         """Write front.json atomically."""
         path = Path(path)
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        atomic_write_json(path, self.to_dict())
         return path
 
     @classmethod

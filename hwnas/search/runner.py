@@ -1,7 +1,6 @@
 """Run a search (pymoo NSGA-II or random sampling at the same budget) with a JSON checkpoint every generation."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -12,7 +11,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from hwnas.config import SearchConfig
-from hwnas.jsonio import atomic_write_text, load_json
+from hwnas.jsonio import atomic_write_text, dumps, load_json
 from hwnas.search.front import ParetoFront
 from hwnas.search.problem import HWNASProblem, SpaceRepair
 from hwnas.space.genotype import Genotype
@@ -169,7 +168,7 @@ class _Checkpoint:
             "archive": archive.to_json(),
             "history": history,
         }
-        atomic_write_text(self.path, json.dumps(data) + "\n")
+        atomic_write_text(self.path, dumps(data) + "\n")
 
     def read(self, path: Path) -> dict[str, Any]:
         source = str(path)
@@ -288,6 +287,7 @@ def search(
     ckpt = _Checkpoint(Path(checkpoint) if checkpoint else None, problem, cfg, np.zeros(3), inputs)
     state = ckpt.read(Path(resume)) if resume else None
     if state is not None:
+        log.info("resuming %s after generation %s of %d", resume, state["generation"], cfg.gens)
         ref = np.asarray(state["reference_point"], dtype=float)
     elif reference_point is not None:
         ref = np.asarray(reference_point, dtype=float)

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hwnas.config import DEFAULT_MACRO, MacroConfig
-from hwnas.jsonio import load_json
+from hwnas.jsonio import atomic_write_json, load_json
 from hwnas.space.ops import GENOTYPE_OPS
 
 SCHEMA_VERSION = 1
@@ -164,8 +164,8 @@ class Genotype:
         return cls(normal=data["normal"], reduce=data["reduce"], macro=macro, depth=data.get("depth", ()))
 
     def save(self, path: str | Path) -> None:
-        """Write the architecture JSON file."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Write the architecture JSON file atomically."""
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Genotype":

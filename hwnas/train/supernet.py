@@ -5,7 +5,6 @@ the checkpoint of epoch k continues exactly like an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import fields, replace
@@ -21,7 +20,7 @@ from hwnas.data import DataSplits, MultiResolutionData, load_dataset
 from hwnas.space.genotype import MIN_STAGE_DEPTH, STEPS, Genotype, active_cells, stage_depths
 from hwnas.space.ops import GENOTYPE_OPS, PRIMITIVES
 from hwnas.space.supernet import Supernet, edge_index
-from hwnas.jsonio import atomic_write_json, load_json
+from hwnas.jsonio import atomic_write_json, dumps, load_json, parse_json
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -83,7 +82,7 @@ def train_supernet(
         if saved_cfg != cfg:
             diff = [f.name for f in fields(cfg) if getattr(cfg, f.name) != getattr(saved_cfg, f.name)]
             raise ValueError(f"{out_dir / CONFIG_FILE}: the checkpoint was trained with other settings ({', '.join(diff)}); resume with the same flags")
-        state = _load_checkpoint(ckpt_path)
+        state = _load_checkpoint(ckpt_path, resumable=True)
     elif resume:
         log.info("nothing to resume in %s; starting a new run", out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -110,9 +109,7 @@ def train_supernet(
             sched.load_state_dict(state["sched"])
         except (KeyError, RuntimeError, ValueError) as err:
             raise ValueError(f"{ckpt_path}: checkpoint does not fit this configuration ({err})") from None
-        history = json.loads(state["history"])
-        alphas_frozen = bool(state["alphas_frozen"])
-        start_epoch = int(state["epoch"])
+        history, alphas_frozen, start_epoch = state["history"], state["alphas_frozen"], state["epoch"]
         log.info("resuming %s after epoch %d of %d", out_dir, start_epoch, total_epochs)
 
     x_train, y_train = data.train.tensors
@@ -210,7 +207,7 @@ def train_supernet(
                 "sched": sched.state_dict(),
                 "epoch": epoch + 1,
                 "alphas_frozen": alphas_frozen,
-                "history": json.dumps(history),
+                "history": dumps(history),
             },
         )
         _write_meta(out_dir, cfg, history, epoch + 1 == total_epochs)
@@ -218,6 +215,8 @@ def train_supernet(
             epoch_callback(epoch + 1, supernet)
             supernet.train()
     if start_epoch >= total_epochs:
+        # A kill between the last checkpoint and its supernet.json leaves the meta one epoch behind: finish it.
+        _write_meta(out_dir, cfg, history, True)
         log.info("%s is already complete (%d epochs)", out_dir, total_epochs)
     return out_dir
 
@@ -291,20 +290,39 @@ def load_supernet(out_dir: Path) -> tuple[Supernet, SupernetConfig]:
     return supernet.eval(), cfg
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def _load_checkpoint(path: Path, resumable: bool = False) -> dict[str, Any]:
+    """The checkpoint's state; `resumable`: also the optimiser states, epoch and history (history parsed)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated or foreign files raise assorted errors from the unpickler/zip reader
         raise ValueError(f"{path}: not a readable supernet checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"{path}: not a hwnas supernet checkpoint (no 'model' state dict)")
-    return state
+    if not resumable:
+        return state
+    for key in ("w_opt", "a_opt", "sched"):
+        if not isinstance(state.get(key), dict):
+            raise ValueError(f"{path}: checkpoint has no {key!r} state to resume from")
+    epoch, frozen, history = state.get("epoch"), state.get("alphas_frozen"), state.get("history")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise ValueError(f"{path}: checkpoint 'epoch' must be a non-negative integer, got {epoch!r}")
+    if not isinstance(frozen, bool):
+        raise ValueError(f"{path}: checkpoint 'alphas_frozen' must be true or false, got {frozen!r}")
+    if not isinstance(history, str):
+        raise ValueError(f"{path}: checkpoint 'history' must be JSON text")
+    history = parse_json(history, f"{path}: history")
+    if not isinstance(history, list) or len(history) != epoch:
+        raise ValueError(f"{path}: checkpoint history must list one record per finished epoch ({epoch})")
+    return {**state, "history": history}
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file, then rename: an interruption never leaves a half-written checkpoint."""
+    """torch.save to a temporary file, flushed to disk, then rename: an interruption never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -321,6 +339,8 @@ def _read_meta(out_dir: Path) -> tuple[SupernetConfig, dict[str, Any]]:
     if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
         got = meta.get("schema_version") if isinstance(meta, dict) else None
         raise ValueError(f"{path}: schema_version: expected {SCHEMA_VERSION}, got {got!r}")
+    if not isinstance(meta.get("history", []), list) or not isinstance(meta.get("complete", False), bool):
+        raise ValueError(f"{path}: 'history' must be a list and 'complete' true or false")
     try:
         return SupernetConfig.from_dict(meta.get("config")), meta
     except (ValueError, TypeError) as err:
