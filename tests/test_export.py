@@ -18,8 +18,6 @@ from hwnas.space import SearchSpace
 
 
 @pytest.fixture
-
-
 def front(tiny_macro: MacroConfig, rng: np.random.Generator) -> ParetoFront:
     space = SearchSpace(tiny_macro)
     members = [FrontMember(space.sample(rng), 0.1 * (i + 1), 1.0 + i, 0.01) for i in range(2)]
@@ -178,8 +176,6 @@ def test_real_measurement_of_one_member(front: ParetoFront, tmp_path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-
-
 def test_unwritable_out_dir(front: ParetoFront, tmp_path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
