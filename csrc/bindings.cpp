@@ -6,6 +6,30 @@
 #include "mixed_op.h"
 
 namespace hwnas {
+namespace {
+
+// Parameters may stay float32 when x is half or bfloat16 (autocast); otherwise they have x's dtype.
+bool param_dtype_ok(at::ScalarType param, at::ScalarType x) {
+  return param == x || (param == at::kFloat && (x == at::kHalf || x == at::kBFloat16));
+}
+
+}  // namespace
+
+void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "hwnas.", op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "hwnas.", op, ": ", name, " is ", t.scalar_type(), " but x is ",
+              x.scalar_type());
+}
+
+void check_stats(const at::Tensor& stats, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 4 && stats.size(1) == x.size(1), "hwnas.", op, ": ", name,
+              " must be (4, ", x.size(1), "), got ", stats.sizes());
+  TORCH_CHECK(stats.device() == x.device(), "hwnas.", op, ": ", name, " is on ", stats.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(at::isFloatingType(stats.scalar_type()), "hwnas.", op, ": ", name, " must be floating, got ",
+              stats.scalar_type());
+}
 
 void check_dwconv(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t dilation) {
   TORCH_CHECK(x.dim() == 4, "hwnas.dwconv: x must be (N, C, H, W), got ", x.sizes());
@@ -15,9 +39,10 @@ void check_dwconv(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
               weight.sizes());
   TORCH_CHECK(stride == 1 || stride == 2, "hwnas.dwconv: stride must be 1 or 2, got ", stride);
   TORCH_CHECK(dilation >= 1, "hwnas.dwconv: dilation must be >= 1, got ", dilation);
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "hwnas.dwconv: x is ", x.scalar_type(),
+  TORCH_CHECK(param_dtype_ok(weight.scalar_type(), x.scalar_type()), "hwnas.dwconv: x is ", x.scalar_type(),
               " but weight is ", weight.scalar_type());
-  TORCH_CHECK(x.device() == weight.device(), "hwnas.dwconv: x and weight are on different devices");
+  TORCH_CHECK(x.device() == weight.device(), "hwnas.dwconv: weight is on ", weight.device(), " but x is on ",
+              x.device());
 }
 
 std::vector<at::Tensor> check_combine(const at::Tensor& x, const at::Tensor& weights, at::TensorList branches,
@@ -26,8 +51,10 @@ std::vector<at::Tensor> check_combine(const at::Tensor& x, const at::Tensor& wei
   TORCH_CHECK(stride == 1 || stride == 2, "hwnas.combine: stride must be 1 or 2, got ", stride);
   TORCH_CHECK(weights.dim() == 1 && weights.size(0) == kNumOps, "hwnas.combine: weights must be (",
               kNumOps, ",), got ", weights.sizes());
-  TORCH_CHECK(weights.scalar_type() == x.scalar_type(), "hwnas.combine: weights are ", weights.scalar_type(),
-              " but x is ", x.scalar_type());
+  TORCH_CHECK(param_dtype_ok(weights.scalar_type(), x.scalar_type()), "hwnas.combine: weights are ",
+              weights.scalar_type(), " but x is ", x.scalar_type());
+  TORCH_CHECK(weights.device() == x.device(), "hwnas.combine: weights are on ", weights.device(), " but x is on ",
+              x.device());
   TORCH_CHECK(active >= 0 && active < (1 << kNumOps) && !op_active(active, 0),
               "hwnas.combine: active must be a bit mask over ops 1..7, got ", active);
   const int64_t ho = out_size(x.size(2), stride), wo = out_size(x.size(3), stride);

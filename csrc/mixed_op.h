@@ -25,7 +25,8 @@ constexpr int kMaxPool = 1;
 constexpr int kAvgPool = 2;
 constexpr int kSkip = 3;
 
-inline bool op_active(int64_t mask, int k) { return (mask >> k) & 1; }
+// constexpr: callable from CUDA device code too (--expt-relaxed-constexpr).
+constexpr bool op_active(int64_t mask, int k) { return (mask >> k) & 1; }
 inline int64_t out_size(int64_t in, int64_t stride) { return (in + stride - 1) / stride; }
 
 // Argument checks shared by every device (defined in bindings.cpp); they throw with a clear message.
@@ -36,6 +37,10 @@ void check_dwconv(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
 std::vector<at::Tensor> check_combine(const at::Tensor& x, const at::Tensor& weights, at::TensorList branches,
                                       int64_t active, int64_t stride);
 inline bool is_external(int k, int64_t stride) { return k > kSkip || (k == kSkip && stride == 2); }
+// t (named `name` in errors of op `op`) has x's device and dtype.
+void check_like(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name);
+// stats (running_stats or the saved statistics) is a floating (4, C) tensor on x's device.
+void check_stats(const at::Tensor& stats, const at::Tensor& x, const char* op, const char* name);
 
 // CPU
 at::Tensor dwconv_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t dilation,

@@ -73,8 +73,14 @@ def _info(args: argparse.Namespace) -> int:
     from hwnas.kernels import available_backends, backend
     from hwnas.profiling.fingerprint import device_fingerprint
 
+    try:
+        from hwnas import _C
+        extension = {"built": True, "with_cuda": bool(_C.with_cuda)}
+    except ImportError:
+        extension = {"built": False, "with_cuda": False}
     info = {
         "hwnas": hwnas.__version__,
+        "extension": extension,  # with_cuda: CUDA kernels compiled in (usable only where a GPU is)
         "kernel_backends": available_backends(),
         "default_backend": {"cpu": backend("cpu"), "cuda": backend("cuda")},
         "cuda_available": torch.cuda.is_available(),

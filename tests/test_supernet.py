@@ -108,3 +108,71 @@ def test_dropped_cells_are_skipped_like_the_discrete_network(rng):
         assert not torch.equal(net(x, w), y)  # at full depth it runs
     with pytest.raises(ValueError, match="keep the reduction cells"):
         net(x, w, (True, False, True, True, True))
+
+
+def _per_edge_skips(monkeypatch) -> None:
+    """Make the supernet decide skips per edge from the weights (the behaviour before skip_table)."""
+    import hwnas.space.supernet as supernet_mod
+
+    monkeypatch.setattr(supernet_mod, "skip_table", lambda *w: [None] * len(w))
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_host_skip_table_gives_identical_results(tiny_macro, genotype, monkeypatch, backend):
+    """Skip decisions made once per forward on the host: same outputs, gradients and BN buffers as per edge."""
+    torch.manual_seed(0)
+    net = Supernet(tiny_macro)
+    net.set_backend(backend)
+    other = Supernet(tiny_macro)
+    other.load_state_dict(net.state_dict())
+    other.set_backend(backend)
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    weights = net.genotype_weights(genotype)
+    losses = [F.cross_entropy(net(x, weights), y)]
+    with monkeypatch.context() as m:
+        _per_edge_skips(m)
+        losses.append(F.cross_entropy(other(x, weights), y))
+    for loss, model in zip(losses, (net, other)):
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), (_, b) in zip(net.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name
+    for (name, p), (_, q) in zip(net.named_parameters(), other.named_parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
+
+
+def test_skip_table_reads_the_device_at_most_once(tiny_macro, genotype, monkeypatch):
+    """Genotype weights carry their zero pattern: no read; other weights: one read for the whole forward."""
+    from hwnas.kernels import reference
+
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    net = Supernet(tiny_macro)
+    x = torch.randn(2, 1, 8, 8)
+    weights = net.genotype_weights(genotype)
+    reads.clear()
+    with torch.no_grad():
+        net(x, weights)
+        assert reads == []
+        net(x, tuple(w.clone() for w in weights))  # unmarked: one transfer of both matrices
+        assert reads == [(2 * EDGES * NUM_OPS,)]
+        reads.clear()
+        net(x, None)  # softmax weights without a gradient: also once
+        assert len(reads) == 1
+    reads.clear()
+    net(x, None)  # the weights need a gradient: nothing to skip, nothing read
+    assert reads == []
+    assert reference.skip_table(weights[0])[0][0][0] is True  # "none" always has weight 0
+    weights[0][0, 0] = 0.5  # changed in place: the mark no longer holds
+    assert reference.skip_table(weights[0])[0][0][0] is False
+
+
+def test_skip_table_matches_skippable():
+    from hwnas.kernels.reference import skip_table, skippable
+
+    w = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.25]])
+    assert skip_table(w) == [[skippable(w[0]), skippable(w[1])]] == [[[True, False, True], [False, True, False]]]
+    assert skip_table(w.requires_grad_()) == [None]
+    with torch.no_grad():
+        assert skip_table(w, w * 0) == [[[True, False, True], [False, True, False]], [[True] * 3, [True] * 3]]

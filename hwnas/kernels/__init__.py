@@ -47,14 +47,18 @@ def backend(device: torch.device | str = "cpu") -> str:
 
 
 def mixed_op(
-    x: torch.Tensor, weights: torch.Tensor, ops: nn.ModuleList, stride: int, backend_name: str = "auto"
+    x: torch.Tensor, weights: torch.Tensor, ops: nn.ModuleList, stride: int, backend_name: str = "auto",
+    skip: list[bool] | None = None,
 ) -> torch.Tensor:
-    """Weighted sum of the eight DARTS ops on x (N, C, H, W) with weights (8,): see reference.py."""
+    """Weighted sum of the eight DARTS ops on x (N, C, H, W) with weights (8,): see reference.py.
+
+    `skip`: skippable(weights) when the caller knows it on the host (saves a device read per edge).
+    """
     name = backend(x.device) if backend_name == "auto" else backend_name
     if name == "reference":
-        return mixed_op_reference(x, weights, ops, stride)
+        return mixed_op_reference(x, weights, ops, stride, skip)
     if name not in available_backends():
         raise RuntimeError(f"kernel backend {name!r} is not available here; available: {available_backends()}")
     if name != x.device.type:
         raise RuntimeError(f"kernel backend {name!r} cannot run tensors on {x.device}")
-    return _compiled().mixed_op(x, weights, ops, stride)
+    return _compiled().mixed_op(x, weights, ops, stride, skip)

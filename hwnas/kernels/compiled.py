@@ -125,9 +125,10 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
     bn.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
 
 
-def mixed_op(x: torch.Tensor, weights: torch.Tensor, ops: nn.ModuleList, stride: int) -> torch.Tensor:
+def mixed_op(x: torch.Tensor, weights: torch.Tensor, ops: nn.ModuleList, stride: int,
+             skip: list[bool] | None = None) -> torch.Tensor:
     """Same result, gradients and BatchNorm updates as reference.mixed_op_reference, via hwnas._C."""
-    skip = skippable(weights)
+    skip = skippable(weights) if skip is None else skip
     active = [k > 0 and not skip[k] for k in range(NUM_OPS)]
     mask = sum(1 << k for k in range(NUM_OPS) if active[k])
     branches: list[torch.Tensor] = []  # external branches of the active ops, in op order

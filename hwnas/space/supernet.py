@@ -9,6 +9,7 @@ from torch import nn
 
 from hwnas.config import MacroConfig
 from hwnas.kernels import mixed_op
+from hwnas.kernels.reference import mark_host_zeros, skip_table
 from hwnas.space.genotype import STEPS, Genotype, reduction_layers
 from hwnas.space.network import STEM_MULTIPLIER
 from hwnas.space.ops import GENOTYPE_OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, create_op
@@ -32,8 +33,8 @@ class MixedOp(nn.Module):
         self.ops = nn.ModuleList(create_op(p, channels, stride, affine=False, supernet=True) for p in PRIMITIVES)
         self.backend = "auto"
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return mixed_op(x, weights, self.ops, self.stride, self.backend)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, skip: list[bool] | None = None) -> torch.Tensor:
+        return mixed_op(x, weights, self.ops, self.stride, self.backend, skip)
 
 
 class SearchCell(nn.Module):
@@ -49,13 +50,19 @@ class SearchCell(nn.Module):
             MixedOp(c, 2 if reduction and inp < 2 else 1) for node in range(STEPS) for inp in range(node + 2)
         )
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
+                skip: list[list[bool]] | None = None) -> torch.Tensor:
+        """`skip`: per edge, skippable() of its weights when known on the host (see skip_table)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         offset = 0
         for node in range(STEPS):
-            states.append(sum(self.edges[offset + j](h, weights[offset + j]) for j, h in enumerate(states)))
+            states.append(sum(self._edge(offset + j, h, weights, skip) for j, h in enumerate(states)))
             offset += len(states) - 1
         return torch.cat(states[2:], dim=1)  # (N, 4C, H, W)
+
+    def _edge(self, i: int, h: torch.Tensor, weights: torch.Tensor, skip: list[list[bool]] | None) -> torch.Tensor:
+        # without a table, call as before: benchmarks swap MixedOp.forward for a two-argument one
+        return self.edges[i](h, weights[i]) if skip is None else self.edges[i](h, weights[i], skip=skip[i])
 
 
 class Supernet(nn.Module):
@@ -111,12 +118,17 @@ class Supernet(nn.Module):
                 raise ValueError(f"{name} edge weights must have shape ({EDGES}, {NUM_OPS}), got {tuple(w.shape)}")
         if active is not None and (len(active) != len(self.cells) or not all(active[i] for i in reduction_layers(len(self.cells)))):
             raise ValueError(f"active must flag each of the {len(self.cells)} cells and keep the reduction cells, got {active!r}")
+        # which ops each edge may skip, read from the device at most once per forward (not per edge)
+        skip_normal, skip_reduce = skip_table(w_normal, w_reduce)
         s0 = s1 = self.stem(x)
         for i, cell in enumerate(self.cells):
             if active is not None and not active[i]:
                 s0 = s1  # a dropped normal cell passes its input on, as in Network
                 continue
-            s0, s1 = s1, cell(s0, s1, w_reduce if cell.reduction else w_normal)
+            if cell.reduction:
+                s0, s1 = s1, cell(s0, s1, w_reduce, skip_reduce)
+            else:
+                s0, s1 = s1, cell(s0, s1, w_normal, skip_normal)
         return self.classifier(torch.flatten(self.global_pooling(s1), 1))  # (N, classes)
 
     def derive(self) -> Genotype:
@@ -142,8 +154,9 @@ class Supernet(nn.Module):
             raise ValueError(f"genotype macro {genotype.macro} does not match the supernet's {self.macro}")
         out = []
         for pairs in (genotype.normal, genotype.reduce):
-            w = torch.zeros(EDGES, NUM_OPS, device=self.alphas_normal.device)
+            w = torch.zeros(EDGES, NUM_OPS)  # built on the host: its zero pattern is known without a device read
             for k, (op, inp) in enumerate(pairs):
                 w[edge_index(k // 2, inp), PRIMITIVES.index(op)] = 1.0
-            out.append(w)
+            zeros = (w == 0).tolist()
+            out.append(mark_host_zeros(w.to(self.alphas_normal.device), zeros))
         return out[0], out[1]
