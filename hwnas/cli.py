@@ -288,7 +288,8 @@ def _add_train_supernet(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=int, default=m.layers, help="cells (default %(default)s)")
     p.add_argument("--resolution", type=int, default=m.resolution, help="input size in pixels (default %(default)s)")
     helps = {
-        "data": "digits | cifar10:PATH | folder:PATH | npz:PATH",
+        "data": "digits | fashion-mnist | idx:DIR (MNIST-format files) | cifar10:PATH | folder:PATH | npz:PATH",
+        "train_subset": "train on a stratified subset of N training images, 0 = all (validation and test stay whole)",
         "epochs": "DARTS bilevel epochs",
         "sample_epochs": "single-path fine-tuning epochs after the bilevel ones",
         "sampling": "uniform | alpha",

@@ -113,6 +113,7 @@ class SupernetConfig:
     max_param_free: int = 4  # early_stop: freeze alphas once the derived normal cell has more parameter-free ops
     valid_fraction: float = 0.2
     test_fraction: float = 0.2
+    train_subset: int = 0  # > 0: a stratified subset of this many training images (CPU budgets); 0: all
 
     def __post_init__(self) -> None:
         if not isinstance(self.macro, MacroConfig):
@@ -127,7 +128,7 @@ class SupernetConfig:
             raise ValueError(f"elastic_depth must be true or false, got {self.elastic_depth!r}")
         if self.elastic_depth and self.sample_epochs == 0:
             raise ValueError("elastic depth is trained by single-path steps only; it needs sample_epochs > 0")
-        for name in ("epochs", "sample_epochs", "max_param_free", "seed"):
+        for name in ("epochs", "sample_epochs", "max_param_free", "seed", "train_subset"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if self.epochs + self.sample_epochs < 1:

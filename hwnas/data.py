@@ -1,13 +1,16 @@
-"""Datasets (digits, cifar10 folder, image folder, .npz) as deterministic train / search-validation / test splits.
+"""Datasets (digits, IDX/MNIST-format folder, cifar10 folder, image folder, .npz) as deterministic splits.
 
-Nothing is downloaded: `digits` ships inside scikit-learn, the other kinds read files the user points at.
-The test split is held out from training and search; only stand-alone evaluation reads it.
+Nothing is downloaded: `digits` ships inside scikit-learn, `fashion-mnist` comes from a Debian package,
+the other kinds read files the user points at. The test split is held out from training and search; only
+stand-alone evaluation reads it. Splits are train / search-validation / test.
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import pickle
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -20,6 +23,15 @@ from torch.utils.data import TensorDataset
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+# IDX (MNIST format): canonical file names of the four files, per split.
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_UBYTE = 0x08
+# Named IDX datasets: name -> (folder, Debian package that installs it).
+NAMED_IDX = {"fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"), "dataset-fashion-mnist")}
+RESIZE_CHUNK = 8192  # images converted to float and resized at a time (bounds peak memory)
 
 
 @dataclass
@@ -38,17 +50,17 @@ class MultiResolutionData(Mapping[int, DataSplits]):
     """One dataset's splits (the same samples in each) at several input resolutions, each loaded on first use."""
 
     def __init__(self, spec: str, resolutions: Iterable[int], seed: int = 0, valid_fraction: float = 0.2,
-                 test_fraction: float = 0.2) -> None:
+                 test_fraction: float = 0.2, train_subset: int = 0) -> None:
         self.resolutions = tuple(sorted(set(resolutions)))
-        self._args = (spec, seed, valid_fraction, test_fraction)
+        self._args = (spec, seed, valid_fraction, test_fraction, train_subset)
         self._loaded: dict[int, DataSplits] = {}
 
     def __getitem__(self, resolution: int) -> DataSplits:
         if resolution not in self.resolutions:
             raise KeyError(resolution)
         if resolution not in self._loaded:
-            spec, seed, valid, test = self._args
-            self._loaded[resolution] = load_dataset(spec, resolution, seed, valid, test)
+            spec, seed, valid, test, subset = self._args
+            self._loaded[resolution] = load_dataset(spec, resolution, seed, valid, test, train_subset=subset)
         return self._loaded[resolution]
 
     def __iter__(self) -> Iterator[int]:
@@ -77,14 +89,26 @@ def load_dataset(
     seed: int = 0,
     valid_fraction: float = 0.2,
     test_fraction: float = 0.2,
+    train_subset: int = 0,
 ) -> DataSplits:
-    """Load `spec` ("digits", "cifar10:PATH", "folder:PATH", "npz:PATH") resized to `resolution`, split by `seed`."""
+    """Load `spec` (digits, fashion-mnist, idx:DIR, cifar10:PATH, folder:PATH, npz:PATH) at `resolution`, split by `seed`.
+
+    A dataset that ships an official test set (IDX t10k files, CIFAR-10 test_batch) uses it as the test split;
+    validation then comes from its training set. `train_subset` > 0 keeps a stratified subset of that many
+    training images (deterministic per seed); validation and test are never subset.
+    """
     if not isinstance(resolution, int) or resolution < 1:
         raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+    if not isinstance(train_subset, int) or isinstance(train_subset, bool) or train_subset < 0:
+        raise ValueError(f"train_subset must be a non-negative integer (0: all), got {train_subset!r}")
     kind, _, arg = spec.partition(":")
     fixed_test: tuple[np.ndarray, np.ndarray] | None = None
     if kind == "digits" and not arg:
         x, y = _load_digits()
+    elif kind in NAMED_IDX and not arg:
+        x, y, fixed_test = _load_idx(NAMED_IDX[kind][0], kind, NAMED_IDX[kind][1])
+    elif kind == "idx" and arg:
+        x, y, fixed_test = _load_idx(Path(arg), "idx")
     elif kind == "cifar10" and arg:
         x, y, fixed_test = _load_cifar10(Path(arg))
     elif kind == "folder" and arg:
@@ -92,31 +116,50 @@ def load_dataset(
     elif kind == "npz" and arg:
         x, y = _load_npz(Path(arg))
     else:
-        raise ValueError(f"unknown dataset spec {spec!r}; expected digits, cifar10:PATH, folder:PATH or npz:PATH")
+        raise ValueError(f"unknown dataset spec {spec!r}; expected digits, {', '.join(NAMED_IDX)}, idx:DIR, "
+                         "cifar10:PATH, folder:PATH or npz:PATH")
     y, num_classes = _check_labels(spec, x, y if fixed_test is None else np.concatenate([y, fixed_test[1]]))
     if fixed_test is not None:  # labels were remapped together so train and test share class indices
         y, y_test = y[: len(x)], y[len(x) :]
         fixed_test = (fixed_test[0], y_test)
 
     train_idx, valid_idx, test_idx = _split_indices(y, seed, valid_fraction, 0.0 if fixed_test else test_fraction)
-    xt = _resize(torch.from_numpy(x), resolution)
-    mean = xt[train_idx].mean(dim=(0, 2, 3), keepdim=True)  # statistics from the train split only
-    std = xt[train_idx].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    xt = (xt - mean) / std
-    yt = torch.from_numpy(y)
-    if fixed_test is not None:
-        x_test = (_resize(torch.from_numpy(fixed_test[0]), resolution) - mean) / std
-        test = TensorDataset(x_test, torch.from_numpy(fixed_test[1]))
-    else:
-        test = TensorDataset(xt[test_idx], yt[test_idx])
+    if train_subset:
+        train_idx = _stratified_subset(y, train_idx, train_subset, seed)
+    # Only the images a split keeps are converted and resized (a subset of 60 000 stays cheap).
+    x_train = _to_float_resized(x[train_idx], resolution)
+    mean = x_train.mean(dim=(0, 2, 3), keepdim=True)  # statistics from the train split only
+    std = x_train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+
+    def prepare(images: np.ndarray) -> torch.Tensor:
+        return (_to_float_resized(images, resolution) - mean) / std
+
+    x_test, y_test = (fixed_test[0], fixed_test[1]) if fixed_test is not None else (x[test_idx], y[test_idx])
     return DataSplits(
-        train=TensorDataset(xt[train_idx], yt[train_idx]),
-        valid=TensorDataset(xt[valid_idx], yt[valid_idx]),
-        test=test,
+        train=TensorDataset((x_train - mean) / std, torch.from_numpy(y[train_idx])),
+        valid=TensorDataset(prepare(x[valid_idx]), torch.from_numpy(y[valid_idx])),
+        test=TensorDataset(prepare(x_test), torch.from_numpy(np.ascontiguousarray(y_test))),
         in_channels=int(x.shape[1]),
         num_classes=num_classes,
         resolution=resolution,
     )
+
+
+def _stratified_subset(y: np.ndarray, idx: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` of the indices `idx`, drawn stratified by label (deterministic per seed); all of them if n >= len(idx)."""
+    from sklearn.model_selection import train_test_split
+
+    if n >= len(idx):
+        log.info("train_subset %d >= the %d training samples: using them all", n, len(idx))
+        return idx
+    classes = np.unique(y[idx])
+    if n < len(classes):
+        raise ValueError(f"train_subset {n} is smaller than the number of classes ({len(classes)})")
+    try:
+        keep, _ = train_test_split(idx, train_size=n, random_state=seed * 7919 + 3, stratify=y[idx])
+    except ValueError:  # a class too rare to stratify
+        keep, _ = train_test_split(idx, train_size=n, random_state=seed * 7919 + 3)
+    return np.sort(keep)
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +186,77 @@ def _load_cifar10(root: Path) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray,
     if fixed_test is None:
         log.warning("cifar10: %s has no test_batch; the test split is carved out of the training batches", root)
     return x, y, fixed_test
+
+
+def _load_idx(root: Path, what: str, package: str | None = None
+              ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """An MNIST-format folder (train-/t10k- images and labels, optionally .gz) -> uint8 (N, 1, H, W) and labels.
+
+    The t10k files become the fixed test split; without them the test split is carved out of train (warned).
+    """
+    how = f"; install them with `apt-get install {package}`" if package else ""
+    if not root.is_dir():
+        raise FileNotFoundError(f"{what}: {root} is not a directory (expected the four MNIST-format IDX files{how})")
+    x, y = _read_idx_pair(root, "train", what, how)
+    fixed_test = None
+    if _find_idx_file(root, IDX_FILES["test"][0]) or _find_idx_file(root, IDX_FILES["test"][1]):
+        fixed_test = _read_idx_pair(root, "test", what, how)
+        if fixed_test[0].shape[1:] != x.shape[1:]:
+            raise ValueError(f"{what}: test images in {root} are {fixed_test[0].shape[2:]} but train images "
+                             f"{x.shape[2:]}")
+    else:
+        log.warning("%s: %s has no t10k files; the test split is carved out of the training files", what, root)
+    return x, y, fixed_test
+
+
+def _find_idx_file(root: Path, name: str) -> Path | None:
+    """The file in `root` called `name` (or `name`.gz), also spelt with dots or underscores for the dashes."""
+    for candidate in (root / name, root / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    for path in sorted(root.iterdir()):
+        stem = path.name.lower().removesuffix(".gz").replace(".", "-").replace("_", "-")
+        if stem == name and path.is_file():
+            return path
+    return None
+
+
+def _read_idx_pair(root: Path, split: str, what: str, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images (N, 1, H, W) uint8 and labels (N,) int64 of one split, with matching counts."""
+    paths = []
+    for name in IDX_FILES[split]:
+        path = _find_idx_file(root, name)
+        if path is None:
+            raise FileNotFoundError(f"{what}: no {name}[.gz] in {root}{how}")
+        paths.append(path)
+    images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
+    if len(images) != len(labels):
+        raise ValueError(f"{what}: {paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} labels")
+    return images[:, None], labels.astype(np.int64)
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """One IDX file of unsigned bytes with `ndim` dimensions; ValueError naming the file if it is not one."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"cannot read {path} ({type(err).__name__}: {err})") from None
+    magic = 0x0800 | ndim
+    if len(raw) < 4 or raw[:4] != magic.to_bytes(4, "big"):
+        found = raw[:4].hex() if len(raw) >= 4 else f"{len(raw)} bytes"
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes with {ndim} dimension(s) "
+                         f"(magic number {found}, expected {magic:08x})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(raw) != expected:
+        state = "truncated" if len(raw) < expected else "longer than its header says"
+        raise ValueError(f"{path}: {state}: dimensions {dims} need {expected} bytes, the file has {len(raw)}")
+    if ndim == 3 and (dims[1] < 1 or dims[2] < 1):
+        raise ValueError(f"{path}: images of size {dims[1]}x{dims[2]}")
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=header).reshape(dims)  # writable copy
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -319,6 +433,17 @@ def _split_indices(
         rest, test = idx, idx[:0]
     train, valid = split(rest, valid_fraction / (1 - test_fraction), 2)
     return np.sort(train), np.sort(valid), np.sort(test)
+
+
+def _to_float_resized(x: np.ndarray, resolution: int) -> torch.Tensor:
+    """(N, C, H, W) floats or uint8 (0..255, scaled to [0, 1]) -> float32 tensor at resolution, in chunks."""
+    if x.dtype != np.uint8:
+        return _resize(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), resolution)
+    out = torch.empty((len(x), x.shape[1], resolution, resolution), dtype=torch.float32)
+    for start in range(0, len(x), RESIZE_CHUNK):
+        chunk = torch.from_numpy(x[start : start + RESIZE_CHUNK]).float().div_(255.0)
+        out[start : start + len(chunk)] = _resize(chunk, resolution)
+    return out
 
 
 def _resize(x: torch.Tensor, resolution: int) -> torch.Tensor:

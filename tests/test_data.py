@@ -141,3 +141,164 @@ def test_npz_channels_last_is_detected(tmp_path: Path) -> None:
     assert grey.in_channels == 1
     with pytest.raises(ValueError, match="ambiguous"):  # 4 channels of 4x4 or 4 channels-last of 4x4?
         load_dataset(_npz(tmp_path, rng.random((30, 4, 4, 4)).astype(np.float32), y, "amb.npz"), resolution=8, seed=0)
+
+
+# --- IDX (MNIST-format) folders ---------------------------------------------------------------------
+
+
+def _write_idx(path: Path, arr: np.ndarray, magic: int | None = None, cut: int = 0) -> Path:
+    """Write `arr` (uint8) as an IDX file (gzip when the name ends .gz); `cut` drops trailing bytes."""
+    import gzip
+
+    magic = 0x0800 | arr.ndim if magic is None else magic
+    raw = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    raw = (raw + arr.astype(np.uint8).tobytes())[: len(raw) + arr.size - cut]
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+def _idx_arrays(n: int, seed: int, size: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images of 3 classes told apart by brightness, labels 0..2 (each class equally often)."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 3).astype(np.uint8)
+    x = np.clip(60 + 60 * y[:, None, None] + rng.integers(0, 30, (n, size, size)), 0, 255).astype(np.uint8)
+    return x, y
+
+
+def _idx_dir(root: Path, gz_test: bool = True, n_train: int = 60, n_test: int = 15) -> Path:
+    """A folder with the four MNIST-format files: train plain, test gzipped (or plain)."""
+    root.mkdir(parents=True, exist_ok=True)
+    x, y = _idx_arrays(n_train, 0)
+    _write_idx(root / "train-images-idx3-ubyte", x)
+    _write_idx(root / "train-labels-idx1-ubyte", y)
+    xt, yt = _idx_arrays(n_test, 1)
+    suffix = ".gz" if gz_test else ""
+    _write_idx(root / f"t10k-images-idx3-ubyte{suffix}", xt)
+    _write_idx(root / f"t10k-labels-idx1-ubyte{suffix}", yt)
+    return root
+
+
+def test_idx_folder_reads_plain_and_gz_and_keeps_the_official_test_split(tmp_path: Path) -> None:
+    root = _idx_dir(tmp_path / "d")
+    a = load_dataset(f"idx:{root}", resolution=6, seed=0)
+    b = load_dataset(f"idx:{root}", resolution=6, seed=1)
+    assert (a.in_channels, a.num_classes, a.resolution) == (1, 3, 6)
+    assert len(a.test) == 15 and len(a.train) + len(a.valid) == 60 and len(a.valid) == 12
+    xt, yt = _idx_arrays(15, 1)
+    assert torch.equal(a.test.tensors[1], torch.from_numpy(yt.astype(np.int64)))  # the t10k files, in order
+    # the test images are the t10k images (an affine map of them: normalised with train statistics)
+    flat_file, flat_test = xt.reshape(15, -1).astype(np.float64), a.test.tensors[0].reshape(15, -1).double().numpy()
+    assert np.corrcoef(flat_file.ravel(), flat_test.ravel())[0, 1] > 0.9999
+    # validation comes from train, deterministic per seed; the test split never moves
+    assert torch.equal(a.valid.tensors[0], load_dataset(f"idx:{root}", resolution=6, seed=0).valid.tensors[0])
+    assert not torch.equal(a.valid.tensors[1], b.valid.tensors[1]) or not torch.equal(a.valid.tensors[0], b.valid.tensors[0])
+    assert torch.equal(a.test.tensors[1], b.test.tensors[1])
+    assert abs(float(a.train.tensors[0].mean())) < 1e-4
+    up = load_dataset(f"idx:{root}", resolution=12, seed=0)
+    assert up.train.tensors[0].shape[1:] == (1, 12, 12) and up.train.tensors[0].dtype == torch.float32
+
+
+def test_idx_accepts_dotted_file_names(tmp_path: Path) -> None:
+    root = _idx_dir(tmp_path / "d", gz_test=False)
+    for p in root.iterdir():
+        p.rename(root / p.name.replace("-idx", ".idx"))  # e.g. train-images.idx3-ubyte
+    assert len(load_dataset(f"idx:{root}", resolution=6).test) == 15
+
+
+def _break_magic(root: Path) -> str:
+    _write_idx(root / "train-labels-idx1-ubyte", _idx_arrays(60, 0)[1], magic=0x0D01)  # float type, not ubyte
+    return "train-labels-idx1-ubyte.*not an IDX file"
+
+
+def _truncate(root: Path) -> str:
+    _write_idx(root / "train-images-idx3-ubyte", _idx_arrays(60, 0)[0], cut=7)
+    return "train-images-idx3-ubyte: truncated"
+
+
+def _trailing(root: Path) -> str:
+    path = root / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes() + b"\0")
+    return "train-images-idx3-ubyte: longer than its header"
+
+
+def _count_mismatch(root: Path) -> str:
+    _write_idx(root / "train-labels-idx1-ubyte", _idx_arrays(59, 0)[1])
+    return "60 images but .*train-labels-idx1-ubyte 59 labels"
+
+
+def _labels_as_images(root: Path) -> str:
+    _write_idx(root / "train-images-idx3-ubyte", _idx_arrays(60, 0)[0].reshape(60, 36))  # 2-D: magic 0x0802
+    return "train-images-idx3-ubyte is not an IDX file of unsigned bytes with 3 dimension"
+
+
+def _test_size_differs(root: Path) -> str:
+    (root / "t10k-images-idx3-ubyte.gz").unlink()
+    _write_idx(root / "t10k-images-idx3-ubyte.gz", _idx_arrays(15, 1, size=5)[0])
+    return r"test images .* are \(5, 5\) but train images \(6, 6\)"
+
+
+def _bad_gzip(root: Path) -> str:
+    (root / "t10k-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
+    return "cannot read .*t10k-labels-idx1-ubyte.gz"
+
+
+@pytest.mark.parametrize("breaker", [_break_magic, _truncate, _trailing, _count_mismatch, _labels_as_images,
+                                     _test_size_differs, _bad_gzip])
+def test_idx_bad_files_are_named(tmp_path: Path, breaker) -> None:
+    root = _idx_dir(tmp_path / "d")
+    match = breaker(root)
+    with pytest.raises(ValueError, match=match):
+        load_dataset(f"idx:{root}", resolution=6)
+
+
+def test_idx_missing_files_name_the_file_and_the_package(tmp_path: Path, monkeypatch) -> None:
+    from hwnas import data
+
+    root = _idx_dir(tmp_path / "d")
+    (root / "train-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match="no train-labels-idx1-ubyte"):
+        load_dataset(f"idx:{root}")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_dataset(f"idx:{tmp_path / 'absent'}")
+    monkeypatch.setitem(data.NAMED_IDX, "fashion-mnist", (tmp_path / "absent", "dataset-fashion-mnist"))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist")
+
+
+def test_idx_without_test_files_carves_the_test_split_from_train(tmp_path: Path) -> None:
+    root = _idx_dir(tmp_path / "d")
+    for p in root.glob("t10k-*"):
+        p.unlink()
+    d = load_dataset(f"idx:{root}", resolution=6)
+    assert len(d.train) + len(d.valid) + len(d.test) == 60 and len(d.test) == 12
+
+
+def test_train_subset_is_stratified_deterministic_and_leaves_valid_and_test_whole(tmp_path: Path) -> None:
+    spec = f"idx:{_idx_dir(tmp_path / 'd', n_train=300)}"
+    full = load_dataset(spec, resolution=6, seed=0)
+    a = load_dataset(spec, resolution=6, seed=0, train_subset=30)
+    b = load_dataset(spec, resolution=6, seed=1, train_subset=30)
+    assert len(a.train) == 30 and torch.bincount(a.train.tensors[1]).tolist() == [10, 10, 10]
+    assert not _rows(a.train) & _rows(a.valid)  # drawn from the train split only
+    assert torch.equal(load_dataset(spec, resolution=6, seed=0, train_subset=30).train.tensors[1], a.train.tensors[1])
+    assert _rows(a.train) != _rows(b.train)
+    assert len(a.valid) == len(full.valid) == 60 and len(a.test) == len(full.test) == 15
+    assert torch.equal(a.test.tensors[1], full.test.tensors[1])
+    assert len(load_dataset(spec, resolution=6, train_subset=10_000).train) == len(full.train)  # more than exist: all
+    assert len(load_dataset("digits", resolution=8, train_subset=100).train) == 100
+    with pytest.raises(ValueError, match="train_subset"):
+        load_dataset(spec, train_subset=-1)
+    with pytest.raises(ValueError, match="number of classes"):
+        load_dataset(spec, train_subset=2)
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_files() -> None:
+    d = load_dataset("fashion-mnist", resolution=28, seed=0, train_subset=500)
+    assert (d.in_channels, d.num_classes, d.resolution) == (1, 10, 28)
+    assert len(d.test) == 10_000 and len(d.valid) == 12_000 and len(d.train) == 500
+    assert torch.bincount(d.test.tensors[1]).tolist() == [1000] * 10  # the official test set is balanced
+    assert torch.bincount(d.train.tensors[1]).tolist() == [50] * 10

@@ -45,12 +45,14 @@ def resolve_config(cfg: SupernetConfig, data: DataSplits) -> SupernetConfig:
 
 def load_data(cfg: SupernetConfig, resolution: int | None = None) -> DataSplits:
     """The dataset splits `cfg` trains and evaluates on, at `resolution` (default: the macro's)."""
-    return load_dataset(cfg.data, resolution or cfg.macro.resolution, cfg.seed, cfg.valid_fraction, cfg.test_fraction)
+    return load_dataset(cfg.data, resolution or cfg.macro.resolution, cfg.seed, cfg.valid_fraction, cfg.test_fraction,
+                        train_subset=cfg.train_subset)
 
 
 def load_elastic_data(cfg: SupernetConfig) -> MultiResolutionData:
     """The same splits at every resolution the supernet of `cfg` is trained at, loaded on first use."""
-    return MultiResolutionData(cfg.data, cfg.all_resolutions, cfg.seed, cfg.valid_fraction, cfg.test_fraction)
+    return MultiResolutionData(cfg.data, cfg.all_resolutions, cfg.seed, cfg.valid_fraction, cfg.test_fraction,
+                               cfg.train_subset)
 
 
 def param_free_count(genotype: Genotype, cell: str = "normal") -> int:

@@ -1,0 +1,86 @@
+"""Training-time forwards for the discrete Network on the compiled kernels (same parameters, same results).
+
+Eager PyTorch spends most of a CPU training step in the depthwise convolutions' backward. Inside
+`compiled_training(net)` every SepConv / DilConv of `net` runs its depthwise convolutions (ReLU fused)
+on `hwnas::dwconv`, and the 1x1 convolutions of those ops and of the cell preprocessing run as batched
+matrix products. The modules, their parameters and state_dict stay untouched: only the instances'
+`forward` is swapped for the duration, so what is exported afterwards is the plain nn graph.
+Without the compiled extension the context changes nothing (eager PyTorch, same results).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwnas.space.ops import DilConv, ReLUConvBN, SepConv
+
+log = logging.getLogger(__name__)
+
+
+def available() -> bool:
+    """Whether the compiled depthwise kernel can run (hwnas._C built, not disabled)."""
+    from hwnas.kernels import _compiled
+
+    return _compiled() is not None
+
+
+def pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """1x1 convolution (no bias) of x (N, C, H, W) with weight (O, C, 1, 1) as one batched matrix product."""
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    # bmm on the NCHW layout as is: torch.matmul would fold N into the rows and copy x transposed.
+    out = torch.bmm(weight.view(1, o, c).expand(n, o, c), x.reshape(n, c, h * w))  # (N, O, H*W)
+    return out.view(n, o, h, w)
+
+
+def _sep_dil_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SepConv (relu, dw, pw, bn, relu, dw, pw, bn) or DilConv (relu, dw, pw, bn) on hwnas::dwconv."""
+    from hwnas.kernels.compiled import dwconv, has_backend
+
+    if not has_backend(x.device.type):
+        return self.op(x)
+    seq = self.op
+    dw = seq[1]
+    y = seq[3](pointwise(dwconv(x, dw.weight, dw.stride[0], dw.dilation[0], True), seq[2].weight))
+    if len(seq) == 8:
+        dw = seq[5]
+        y = seq[7](pointwise(dwconv(y, dw.weight, 1, dw.dilation[0], True), seq[6].weight))
+    return y
+
+
+def _relu_conv_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ReLU, 1x1 conv, BN with the conv as a matrix product (other kernel sizes stay on ATen)."""
+    conv = self.op[1]
+    if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.padding != (0, 0):
+        return self.op(x)
+    return self.op[2](pointwise(F.relu(x), conv.weight))
+
+
+_FORWARDS = ((SepConv, _sep_dil_forward), (DilConv, _sep_dil_forward), (ReLUConvBN, _relu_conv_bn_forward))
+
+
+@contextlib.contextmanager
+def compiled_training(net: nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """Within the block, `net`'s conv ops run on the compiled kernels; yields whether they do."""
+    if not enabled or not available():
+        if enabled:
+            log.info("hwnas._C is not built: training the discrete network in eager PyTorch")
+        yield False
+        return
+    swapped: list[nn.Module] = []
+    try:
+        for module in net.modules():
+            for cls, forward in _FORWARDS:
+                if type(module) is cls and "forward" not in module.__dict__:
+                    module.forward = types.MethodType(forward, module)
+                    swapped.append(module)
+        yield True
+    finally:
+        for module in swapped:
+            del module.forward  # back to the class's plain-nn forward
