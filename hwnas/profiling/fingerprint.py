@@ -58,7 +58,7 @@ def cpuinfo_fields() -> dict[str, str]:
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux, platform otherwise)."""
     info = cpuinfo_fields()
-    for key in ("model name", "hardware", "model"):  # x86; older ARM kernels; Raspberry Pi
+    for key in ("model name", "model", "hardware"):  # x86 / ARMv7; a board's name (Raspberry Pi); its SoC
         if info.get(key) and not info[key].isdigit():
             return info[key]
     return _sysctl("machdep.cpu.brand_string") or platform.processor() or platform.machine()

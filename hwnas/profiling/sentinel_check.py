@@ -180,9 +180,22 @@ def foreign_note(profile: DeviceProfile) -> str:
     return FOREIGN_NOTE.format(device=device_label(profile))
 
 
-def require_settings(profiles: Sequence[DeviceProfile], provider: str | None = None) -> None:
-    """ValueError unless every profile was measured with `provider` (when asked) and all share one provider."""
+def foreign_profiles_note(profiles: Sequence[Any]) -> str | None:
+    """The note for the first of `profiles` measured on another device, or None when all may be this machine's."""
+    for profile in profiles:
+        if compare_fingerprints(getattr(profile, "device", None) or {}).other:
+            return foreign_note(profile)
+    return None
+
+
+def require_settings(profiles: Sequence[DeviceProfile], provider: str | None = None,
+                     options: dict[str, str] | None = None) -> None:
+    """ValueError unless every profile was measured with `provider` and `options` (when asked), all with one provider."""
     used = {p.name: p.device.get("provider", "CPUExecutionProvider") for p in profiles}
+    for p in profiles if options else ():
+        theirs = {str(k): str(v) for k, v in (p.device.get("provider_options") or {}).items()}
+        if theirs != options:
+            raise ValueError(f"asked for provider options {options}, but profile {p.name!r} was measured with {theirs}")
     if provider is not None:
         bad = {n: v for n, v in used.items() if v != provider}
         if bad:
@@ -214,5 +227,14 @@ def validate_here(profile: DeviceProfile, trust: bool = False,
 
 
 __all__ = ["FOREIGN_NOTE", "OVERRIDE_FLAG", "SentinelCheck", "check_sentinel", "compare_fingerprints", "device_label",
-           "foreign_note", "measure_sentinel", "profile_timing", "require_settings", "sentinel_arch", "tolerance",
-           "validate_here"]
+           "foreign_note", "foreign_profiles_note", "measure_sentinel", "profile_timing", "require_settings", "sentinel_arch", "tolerance",
+           "validate_here", "validate_profiles"]
+
+
+def validate_profiles(paths: Sequence[str], trust: bool = False, provider: str | None = None) -> list[DeviceProfile]:
+    """Load the profiles at `paths`, require one provider (`provider` when asked), check each here (`validate_here`)."""
+    profiles = [DeviceProfile.load(p) for p in paths]
+    require_settings(profiles, provider)
+    for profile in profiles:
+        validate_here(profile, trust)
+    return profiles
