@@ -35,6 +35,12 @@ SentinelTimer = Callable[[DeviceProfile], float]  # profile -> sentinel ms now
 def sentinel_arch(profile: DeviceProfile) -> Genotype:
     """The profile's sentinel network as stored in it (never regenerated: a newer sampler may draw another)."""
     arch = profile.sentinel.get("arch") if isinstance(profile.sentinel, dict) else None
+    if not arch and isinstance(profile.sentinel, dict) and profile.sentinel.get("arch_id"):
+        from hwnas.profiling.profiler import sentinel_genotype
+
+        seeded = sentinel_genotype(profile.macro)  # a profile storing only the id: the seeded network, if it is that
+        if seeded.arch_id == profile.sentinel["arch_id"]:
+            return seeded
     if not arch:
         raise ValueError(f"profile {profile.name!r} stores no sentinel network (sentinel.arch)")
     try:
