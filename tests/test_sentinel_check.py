@@ -185,3 +185,19 @@ def test_provider_options_are_recorded_and_normalised():
     assert cfg.provider_options == (("a", "x"), ("b", "2")) and hash(cfg)
     assert cfg.to_dict()["provider_options"] == {"a": "x", "b": "2"}
     assert timer.TimingConfig(**cfg.to_dict()) == cfg  # what a profile stores reads back
+
+
+def test_profile_records_provider_and_options_and_predictions_require_them(tiny_macro):
+    cfg = ProfileConfig(device="p", macro=tiny_macro, n_calibration=10, n_validation=5, rounds=2,
+                        provider="CPUExecutionProvider", provider_options={"arena": "0"})
+    plan = profiler.make_plan(cfg)
+    records = [(key, r, 0.01 + 0.001 * i, 1.0) for r in range(2) for i, (key, _) in enumerate(plan.jobs())]
+    profile = profiler.profile_from_records(plan, records, device_fingerprint())
+    assert profile.device["provider"] == "CPUExecutionProvider" and profile.device["provider_options"] == {"arena": "0"}
+    assert sentinel_check.profile_timing(profile).provider_options == (("arena", "0"),)
+    sentinel_check.require_settings([profile], "CPUExecutionProvider", {"arena": "0"})
+    with pytest.raises(ValueError, match="provider options"):
+        sentinel_check.require_settings([profile], "CPUExecutionProvider", {"arena": "1"})
+    other = replace(profile, name="q", device={**profile.device, "provider": "XnnpackExecutionProvider"})
+    with pytest.raises(ValueError, match="different execution providers"):
+        sentinel_check.require_settings([profile, other])
