@@ -370,7 +370,8 @@ def _resolve_profile(path: str | None, macro, provider: str | None = None):
         return path
     found = default_profile_path(macro, provider=provider or "CPUExecutionProvider")
     if found is None:
-        raise ValueError(f"no --profile given and no shipped profile matches this device and macro {macro.to_dict()}; run `hwnas profile`")
+        raise ValueError(f"no --profile given and no shipped profile matches this device, macro {macro.to_dict()} and "
+                         f"provider {provider or 'CPUExecutionProvider'}; run `hwnas profile`")
     return found
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 MIN_TOLERANCE = 0.05  # even a noise-free profile allows this much: the sentinel level itself moves a few %
 MAX_TOLERANCE = 0.12  # below 15 %: a machine >= 15 % faster or slower is always caught
 NOISE_QUANTILE = 0.9  # of the profile's repeatability: |A/B - 1| of its validation networks' two measurements
-PARTNERS = 4  # calibration networks the sentinel is paired with, as in the profile's own rounds
+PARTNERS = 2  # calibration networks the sentinel is paired with, as in the profile's own rounds
 ATTEMPTS = 2  # a check that fails is timed once more: a burst from another tenant rarely lasts two checks
 OVERRIDE_FLAG = "--trust-profile"
 FOREIGN_NOTE = "not measured here: profile is for device {device}; re-measure on that device with the runner bundle"
