@@ -132,6 +132,9 @@ def _search(args: argparse.Namespace) -> int:
                        workers=args.workers, scheduler=args.scheduler)
     out = _writable_dir(args.out, "--out")
     prepare_out_dir(out, args.resume)  # fail before the slow loading when the folder is unusable or holds a search
+    from hwnas.profiling.sentinel_check import validate_profiles
+
+    validate_profiles(args.profile, trust=args.trust_profile)  # this machine's profile: is its sentinel still right?
     problem = build_problem(args.supernet, args.profile, cfg)
     paths = [str(Path(p).resolve()) for p in args.profile]
     provenance = {"supernet": str(Path(args.supernet).resolve()), "profile": paths[0] if len(paths) == 1 else paths}
@@ -171,7 +174,35 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler, e.g. tcp://host:8786")
     p.add_argument("--out", required=True, help="output folder (front.json, front.csv, pareto.png, checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue the search checkpointed in --out")
+    _add_trust_flag(p)
     p.set_defaults(handler=_search, interrupted=_search_interrupted)
+
+
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-profile", action="store_true",
+                   help="use this machine's profile even when its sentinel network, timed here first, is off by more "
+                        "than the profile's noise")
+
+
+def _add_provider_flags(p: argparse.ArgumentParser, default: str | None = "CPUExecutionProvider") -> None:
+    p.add_argument("--provider", default=default, help="onnxruntime execution provider (default %(default)s)")
+    p.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the execution provider (repeatable)")
+
+
+def _provider_options(args: argparse.Namespace) -> dict[str, str]:
+    """--provider-option KEY=VALUE flags as a dict; checks that --provider exists in this onnxruntime."""
+    from hwnas.profiling.timer import check_provider
+
+    if args.provider is not None:
+        check_provider(args.provider)
+    opts = {}
+    for item in args.provider_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--provider-option must be KEY=VALUE, got {item!r}")
+        opts[key] = value
+    return opts
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -373,7 +404,7 @@ def _profile(args: argparse.Namespace) -> int:
 
         macro = MacroConfig.from_dict(read_json(args.macro, "macro"))
     cfg = ProfileConfig(device=args.device, threads=args.threads, budget_min=args.budget_min, out=args.out,
-                        resume=args.resume, quick=args.quick, macro=macro, seed=args.seed,
+                        provider=args.provider, provider_options=_provider_options(args), resume=args.resume, quick=args.quick, macro=macro, seed=args.seed,
                         **{k: v for k, v in (("n_calibration", args.n_calibration), ("n_validation", args.n_validation),
                                               ("runs", args.runs), ("rounds", args.rounds)) if v is not None})
     _writable_file(default_out(cfg), "--out")  # before the minutes of timing
@@ -417,21 +448,23 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-validation", type=int, default=None)
     p.add_argument("--runs", type=int, default=None, help="timed runs per session")
     p.add_argument("--rounds", type=int, default=None, help="interleaved fresh-session rounds (>= 2)")
+    _add_provider_flags(p)
     p.add_argument("--refit", default=None, metavar="PROFILE",
                    help="fit the predictors of PROFILE again from the measurements it stores (no timing); "
                         "writes PROFILE, or --out")
     p.set_defaults(handler=_profile, interrupted=_profile_interrupted)
 
 
-def _resolve_profile(path: str | None, macro):
-    """--profile or the shipped default for this device and macro."""
+def _resolve_profile(path: str | None, macro, provider: str | None = None):
+    """--profile or the shipped default for this device, macro and provider."""
     from hwnas.profiling import default_profile_path
 
     if path:
         return path
-    found = default_profile_path(macro)
+    found = default_profile_path(macro, provider=provider or "CPUExecutionProvider")
     if found is None:
-        raise ValueError(f"no --profile given and no shipped profile matches this device and macro {macro.to_dict()}; run `hwnas profile`")
+        raise ValueError(f"no --profile given and no shipped profile matches this device, macro {macro.to_dict()} and "
+                         f"provider {provider or 'CPUExecutionProvider'}; run `hwnas profile`")
     return found
 
 
@@ -441,6 +474,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     from hwnas.predictors import ByMacroPredictor
     from hwnas.profiling.device_profile import DeviceProfile
+
+    from hwnas.profiling.sentinel_check import require_settings, validate_here
 
     genotypes = _load_archs(args.arch)
     given = [DeviceProfile.load(p) for p in args.profile or []]
@@ -453,7 +488,10 @@ def _predict(args: argparse.Namespace) -> int:
             if given:
                 raise ValueError(f"{args.arch[rows[0]]}: macro {macro.to_dict()} is not the macro of any --profile "
                                  f"({', '.join(str(p.macro.to_dict()) for p in given)})")
-            profile = DeviceProfile.load(_resolve_profile(None, macro), expected_macro=macro)
+            profile = DeviceProfile.load(_resolve_profile(None, macro, args.provider), expected_macro=macro)
+        require_settings([profile], args.provider)
+        if not args.rescale:  # --rescale times the sentinel anyway and scales by it
+            validate_here(profile, trust=args.trust_profile)
         # ByMacroPredictor gives each elastic depth its own table from this profile.
         ms[rows] = ByMacroPredictor.from_profiles([profile], args.predictor).predict([genotypes[i] for i in rows])
         entry: dict[str, Any] = {"profile": profile.name, "resolution": macro.resolution,
@@ -484,6 +522,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rescale", action="store_true",
                    help="time the profile's sentinel network now (a few seconds) and scale the predictions by "
                         "its latency now / at profiling, to follow speed changes of the device since then")
+    p.add_argument("--provider", default=None, help="refuse profiles measured with another execution provider")
+    _add_trust_flag(p)
     p.set_defaults(handler=_predict)
 
 
@@ -495,13 +535,14 @@ def _measure(args: argparse.Namespace) -> int:
     _positive(args.runs, "--runs")
     _positive(args.rounds, "--rounds")
     genotypes = _load_archs(args.arch)
+    options = _provider_options(args)
     update, bar = _tqdm_progress("measure")
     try:
         m = measure_genotypes(genotypes, threads=args.threads, rounds=args.rounds, runs=args.runs,
-                              progress=update, detailed=True)
+                              progress=update, detailed=True, provider=args.provider, provider_options=options)
     finally:
         bar.close()
-    print(json.dumps({"threads": args.threads, "rounds": args.rounds, "runs": args.runs,
+    print(json.dumps({"threads": args.threads, "provider": args.provider, "rounds": args.rounds, "runs": args.runs,
                       "sentinel_ms": round(m.sentinel_ms, 4),
                       "latency_ms": {p: round(float(v), 4) for p, v in zip(args.arch, m.ms)}}, indent=2))
     return EXIT_OK
@@ -517,6 +558,7 @@ def _add_measure(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=4, help="interleaved fresh-session rounds")
     p.add_argument("--runs", type=int, default=100, help="timed runs per session")
+    _add_provider_flags(p)
     p.set_defaults(handler=_measure, interrupted=_measure_interrupted)
 
 
@@ -569,6 +611,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default=None, action="append",
                    help="with DIR: device profile, repeated for each input resolution (default: the ones the search used)")
     p.add_argument("--threads", type=int, default=None, help="with DIR: onnxruntime threads for re-measuring")
+    _add_provider_flags(p, default=None)  # with DIR: must be the profile's provider (default: the profile's)
+    _add_trust_flag(p)
     p.set_defaults(handler=_export, interrupted=_export_interrupted)
 
 

@@ -235,8 +235,12 @@ class ProfileConfig:
     # Calibration and validation networks of every elastic depth (the first cell of each stage kept or not),
     # so the predictor is fitted and validated on networks that drop cells too.
     elastic_depth: bool = True
+    provider: str = "CPUExecutionProvider"  # onnxruntime execution provider
+    provider_options: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs; a dict is accepted
 
     def __post_init__(self) -> None:
+        opts = self.provider_options.items() if isinstance(self.provider_options, dict) else self.provider_options
+        object.__setattr__(self, "provider_options", tuple(sorted((str(k), str(v)) for k, v in opts)))
         if not self.device or any(c in self.device for c in "/\\"):
             raise ValueError(f"device name must be a non-empty file-name-safe string, got {self.device!r}")
         for name in ("threads", "n_calibration", "n_validation", "runs"):
@@ -258,5 +262,6 @@ class ProfileConfig:
     def measurement_key(self) -> dict[str, Any]:
         """Fields that change what gets measured: a resumed run must agree on all of them."""
         keep = ("threads", "macro", "n_calibration", "n_validation", "runs", "warmup", "rounds", "optimization_level", "seed",
-                "elastic_depth")
-        return {k: (getattr(self, k).to_dict() if k == "macro" else getattr(self, k)) for k in keep}
+                "elastic_depth", "provider", "provider_options")
+        key = {k: (getattr(self, k).to_dict() if k == "macro" else getattr(self, k)) for k in keep}
+        return {**key, "provider_options": dict(self.provider_options)}

@@ -59,19 +59,32 @@ def pick_members(errors: list[float], latencies: list[float], k: int) -> list[in
 
 def _profile_for(macro: MacroConfig, out_dir: Path, plan: RunPlan,
                  progress: Callable[[str, Any], Callable | None] | None) -> Path:
-    """The shipped profile of `macro` for this CPU, else a quick one measured into out_dir (kept for reruns)."""
+    """A quick profile this run measured before, else the shipped profile of `macro` for this CPU if its sentinel
+    runs here as profiled, else a quick one measured now into out_dir (kept for reruns)."""
+    from hwnas.jsonio import atomic_write_json, load_json
     from hwnas.profiling import default_profile_path
+    from hwnas.profiling.device_profile import DeviceProfile
     from hwnas.profiling.profiler import profile_device
+    from hwnas.profiling.sentinel_check import check_sentinel
 
-    path = default_profile_path(macro)
-    if path is not None:
-        return path
     path = out_dir / f"profile-{macro.resolution}px.json"
-    if not path.exists():
+    chosen = out_dir / f"profile-{macro.resolution}px.shipped.json"  # a resumed run keeps the profile it chose
+    if path.exists():
+        return path
+    if chosen.exists():
+        return Path(load_json(chosen, "profile choice")["profile"])
+    shipped = default_profile_path(macro)
+    if shipped is not None:
+        check = check_sentinel(DeviceProfile.load(shipped, expected_macro=macro))
+        if check.ok:
+            atomic_write_json(chosen, {"schema_version": 1, "profile": str(shipped), "sentinel_check": check.to_dict()})
+            return shipped
+        log.warning("%s: not this machine's speed; measuring a quick profile for this machine into %s", check.message(), path)
+    else:
         log.info("no shipped profile matches this machine and macro %s; measuring a quick one into %s", macro.to_dict(), path)
-        profile_device(ProfileConfig(device="this-device", quick=plan.profile_quick, out=str(path), resume=True, macro=macro,
-                                     **plan.profile_sizes),
-                       progress=progress("profile", plan) if progress else None)
+    profile_device(ProfileConfig(device="this-device", quick=plan.profile_quick, out=str(path), resume=True, macro=macro,
+                                 **plan.profile_sizes),
+                   progress=progress("profile", plan) if progress else None)
     return path
 
 

@@ -144,7 +144,9 @@ def test_predict_rescale_follows_the_sentinel_measured_now(tmp_path, tiny_macro,
     monkeypatch.setattr(timer, "time_model", lambda model, shape, c: 1.5 * slow(model, shape, c))
     arch = tmp_path / "arch.json"
     SearchSpace(tiny_macro).sample(rng).save(arch)
-    assert main(["predict", "--profile", cfg.out, str(arch)]) == 0
+    assert main(["predict", "--profile", cfg.out, str(arch)]) == 2  # 1.5x off: refused without the override
+    assert "ratio 1.50" in capsys.readouterr().err
+    assert main(["predict", "--profile", cfg.out, "--trust-profile", str(arch)]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert main(["predict", "--profile", cfg.out, "--rescale", str(arch)]) == 0
     scaled = json.loads(capsys.readouterr().out)

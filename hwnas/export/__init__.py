@@ -33,6 +33,7 @@ def cli_export_dir(args: argparse.Namespace) -> int:
         if missing or any(not p.macro.same_but_resolution(m.genotype.macro) for p in profile for m in front.members):
             raise ValueError(f"the profiles {profile_paths} do not cover the front's macros "
                              f"{sorted({str(m.genotype.macro.to_dict()) for m in front.members})}")
+        _check_profiles(profile, args)
     data = None
     if train_epochs > 0:
         supernet_dir = front.config.get("supernet")
@@ -45,6 +46,21 @@ def cli_export_dir(args: argparse.Namespace) -> int:
     print(format_table(report))
     print(f"wrote {out_dir / REPORT_NAME}")
     return 0 if report["summary"]["n_passed"] == report["summary"]["n"] else 1
+
+
+def _check_profiles(profiles: list, args: argparse.Namespace) -> None:
+    """--provider/--provider-option must be the profiles'; this machine's profiles must pass the sentinel check."""
+    from hwnas.profiling.sentinel_check import require_settings, validate_here
+
+    options = {}
+    for item in getattr(args, "provider_option", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--provider-option must be KEY=VALUE, got {item!r}")
+        options[key] = value
+    require_settings(profiles, getattr(args, "provider", None), options)
+    for p in profiles:  # another device's profile passes unchecked: export then reports it did not measure
+        validate_here(p, trust=bool(getattr(args, "trust_profile", False)))
 
 
 def _load_search_data(supernet_dir: Path):  # -> MultiResolutionData

@@ -48,7 +48,8 @@ def _default_measure(threads: int, profiles: dict[Any, Any] | None = None, drift
     profiles = profiles or {}
     first = next(iter(profiles.values()), None)
     timing = dict((first.device.get("timing") or {}) if first is not None else {})
-    kwargs = {k: timing[k] for k in ("rounds", "runs", "warmup", "optimization_level") if k in timing}
+    kwargs = {k: timing[k] for k in ("rounds", "runs", "warmup", "optimization_level", "provider", "provider_options")
+              if k in timing}
 
     def drift(macro: Any, m: Any) -> float | None:
         """log of sentinel now / at profiling, or None when the profile's sentinel cannot be compared."""
@@ -223,6 +224,13 @@ def export_front(
         raise ValueError(f"train_seeds must be a positive integer, got {train_seeds!r}")
     profiles = _by_macro(profile)
     first = next(iter(profiles.values()), None)
+    from hwnas.profiling.sentinel_check import foreign_profiles_note
+
+    # Another device's profile predicts that device: timings taken here would compare apples with pears.
+    not_measured = foreign_profiles_note(list(profiles.values())) if measure and measure_fn is None else None
+    if not_measured:
+        log.warning("%s", not_measured)
+        measure = False
     if threads is None:
         threads = int((first.device.get("threads") if first is not None else None) or 1)
 
@@ -271,6 +279,7 @@ def export_front(
 
     report = _report(rows, front, profiles, train_epochs, train_seeds, threads, tolerance, measure_error, sentinel)
     report["summary"]["noise_now_within_10pct"] = noise_now
+    report["summary"]["not_measured"] = not_measured
     atomic_write_json(out_dir / REPORT_NAME, report)
     (out_dir / PARTIAL_NAME).unlink(missing_ok=True)
     return report
@@ -409,6 +418,8 @@ def format_table(report: dict[str, Any]) -> str:
     noise = s.get("noise_now_within_10pct")
     noise = "" if noise is None else f"; this run's even vs odd rounds agree for {100 * noise:.0f} %"
     lines.append(f"{line} (profile noise ceiling {ceiling}{noise})")
+    if s.get("not_measured"):
+        lines.append(s["not_measured"])
     if report.get("train_seeds", 1) > 1 and s["best_test_accuracy"] is not None:
         lines.append(f"test acc %: mean of {report['train_seeds']} stand-alone runs (seeds); each ONNX file holds the first run")
     return "\n".join(lines)

@@ -9,25 +9,31 @@ from hwnas.config import DEFAULT_MACRO, MacroConfig
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
 
 
-def default_profile_path(macro: MacroConfig = DEFAULT_MACRO, directory: Path | None = None) -> Path | None:
-    """The shipped profiles/<name>.json for `macro` measured on a device like this one, else None."""
-    from hwnas.profiling.device_profile import FINGERPRINT_KEYS
-    from hwnas.profiling.fingerprint import device_fingerprint
+def default_profile_path(macro: MacroConfig = DEFAULT_MACRO, directory: Path | None = None, threads: int = 1,
+                         provider: str = "CPUExecutionProvider") -> Path | None:
+    """The shipped profiles/<name>.json for `macro`, `threads` and `provider` not measured on another device, else None.
+
+    A profile whose fingerprint equals this machine's is preferred to one too old to tell; either must still
+    pass the sentinel check (hwnas.profiling.sentinel_check) before it is trusted.
+    """
+    from hwnas.profiling.fingerprint import compare_fingerprints, device_fingerprint
 
     directory = PROFILES_DIR if directory is None else Path(directory)
     if not directory.is_dir():
         return None
     here = device_fingerprint()
+    found: dict[str, Path] = {}
     for path in sorted(directory.glob("*.json")):
         try:  # a light read: a broken file here must not stop the pipeline from finding a good one
             data = json.loads(path.read_text())
-            same_macro = data["space"]["macro"] == macro.to_dict()
-            same_device = all(data["device"].get(k) == here.get(k) for k in FINGERPRINT_KEYS)
+            device = data["device"]
+            wanted = (data["space"]["macro"] == macro.to_dict() and device.get("threads", 1) == threads
+                      and device.get("provider", "CPUExecutionProvider") == provider)
+            verdict = compare_fingerprints(device, here).verdict if wanted else "other"
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
-        if same_macro and same_device:
-            return path
-    return None
+        found.setdefault(verdict, path)
+    return found.get("same") or found.get("unknown")
 
 
 __all__ = ["PROFILES_DIR", "default_profile_path"]

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 KIND = "hwnas-device-profile"
-# Fingerprint fields that must agree for a profile's latencies to transfer to this machine.
+# Fingerprint fields every profile records (older ones only these); hwnas.profiling.fingerprint.LATENCY_KEYS
+# are the ones compared.
 FINGERPRINT_KEYS = ("cpu_model", "cores", "machine", "onnxruntime_version")
 VALIDATION_KEYS = ("n", "mape", "within_5pct", "within_10pct", "spearman", "kendall", "noise_ceiling_within_10pct")
 
@@ -124,10 +125,11 @@ class DeviceProfile:
                 f"{path}: profile was measured for macro {profile.macro.to_dict()}, "
                 f"but the networks use macro {expected_macro.to_dict()}; run `hwnas profile` for that macro"
             )
-        if not profile.matches_this_device():
+        match = profile.fingerprint_match()
+        if match.other:
             msg = (
-                f"{path}: profile was measured on another device ({profile.fingerprint_summary()}); "
-                "its latency predictions may not hold on this machine"
+                f"{path}: profile was measured on another device ({match.describe()}); "
+                "its latency predictions are for that device, not this machine"
             )
             warnings.warn(msg, stacklevel=2)
             log.warning(msg)
@@ -137,9 +139,12 @@ class DeviceProfile:
         """The identifying fingerprint fields, for messages."""
         return ", ".join(f"{k}={self.device.get(k)!r}" for k in FINGERPRINT_KEYS)
 
-    def matches_this_device(self) -> bool:
-        """True when cpu model, cores, architecture and onnxruntime version equal this machine's."""
-        from hwnas.profiling.fingerprint import device_fingerprint
+    def fingerprint_match(self, here: dict[str, Any] | None = None):  # -> fingerprint.FingerprintMatch
+        """This machine's profile ("same"), another device's ("other"), or too old to tell ("unknown")."""
+        from hwnas.profiling.fingerprint import compare_fingerprints
 
-        here = device_fingerprint()
-        return all(self.device.get(k) == here.get(k) for k in FINGERPRINT_KEYS)
+        return compare_fingerprints(self.device, here)
+
+    def matches_this_device(self) -> bool:
+        """True unless a latency-relevant fingerprint key differs from this machine's (old profiles: True)."""
+        return not self.fingerprint_match().other

@@ -262,7 +262,8 @@ def profile_device(cfg: ProfileConfig, progress: Progress | None = None) -> Devi
 def timing_config(cfg: ProfileConfig) -> timer.TimingConfig:
     """The timer settings a profile config implies."""
     return timer.TimingConfig(threads=cfg.threads, optimization_level=cfg.optimization_level,
-                              warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds)
+                              warmup=cfg.warmup, runs=cfg.runs, rounds=cfg.rounds, provider=cfg.provider,
+                              provider_options=cfg.provider_options)
 
 
 def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprint: dict[str, Any]) -> DeviceProfile:
@@ -292,7 +293,7 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
     fitted, default, validation = fit_predictors(cfg.macro, blocks_section, cal_ok, y_cal, val_ok, y_a, y_b, cfg.seed)
 
     device = {
-        "name": cfg.device, **fingerprint, "provider": "CPUExecutionProvider",
+        "name": cfg.device, **fingerprint, "provider": cfg.provider, "provider_options": dict(cfg.provider_options),
         "threads": cfg.threads, "graph_optimization_level": f"ORT_ENABLE_{cfg.optimization_level.upper()}"
         if cfg.optimization_level != "disable" else "ORT_DISABLE_ALL",
         "execution_mode": "ORT_SEQUENTIAL", "allow_spinning": False, "timing": tcfg.to_dict(),
@@ -410,6 +411,7 @@ def measure_genotypes(
     optimization_level: str = "all", sentinel: bool = True, progress: Progress | None = None,
     detailed: bool = False, seed: int = 0, interleave: int = timer.TimingConfig.interleave,
     partial: str | Path | None = None, resume: bool = False,
+    provider: str = "CPUExecutionProvider", provider_options: dict[str, str] | None = None,
 ) -> np.ndarray | Measurement:
     """Measured latency (ms) of each genotype with the profiling methodology; `detailed`: a Measurement.
 
@@ -425,7 +427,8 @@ def measure_genotypes(
         raise ValueError(f"all architectures must share one macro config to be measured together, got {len(macros)}")
     tcfg = timer.TimingConfig(threads=threads, optimization_level=optimization_level, warmup=warmup, runs=runs,
                               rounds=rounds, sentinel=sentinel, interleave=interleave,
-                              combine="median" if sentinel and interleave > 0 else "min")
+                              combine="median" if sentinel and interleave > 0 else "min", provider=provider,
+                              provider_options=provider_options or {})
     keys = [f"{i}:{g.arch_id}" for i, g in enumerate(genotypes)]
     cands = [network_candidate(k, g) for k, g in zip(keys, genotypes)]
     sent = network_candidate("sentinel", sentinel_genotype(genotypes[0].macro)) if sentinel else None
@@ -463,30 +466,29 @@ def _measure_resumable(cands: list[timer.Candidate], tcfg: timer.TimingConfig, s
 
 
 def has_repeatable_sentinel(profile: DeviceProfile) -> bool:
-    """Whether the profile timed the sentinel network this version of hwnas times (so now / then is meaningful)."""
-    return bool(profile.sentinel.get("latency_ms")) and \
-        profile.sentinel.get("arch_id") == sentinel_genotype(profile.macro).arch_id
+    """Whether the profile stores its sentinel network and latency (so now / then is meaningful)."""
+    from hwnas.profiling.sentinel_check import sentinel_arch
+
+    if not isinstance(profile.sentinel, dict) or not profile.sentinel.get("latency_ms"):
+        return False
+    try:
+        sentinel_arch(profile)
+    except ValueError:
+        return False
+    return True
 
 
-def sentinel_scale(profile: DeviceProfile, sessions: int = 15) -> tuple[float, float]:
-    """(now / at profiling, sentinel ms now): the profile's sentinel network timed in fresh sessions now.
+def sentinel_scale(profile: DeviceProfile, pairs: int | None = None) -> tuple[float, float]:
+    """(now / at profiling, sentinel ms now): the profile's stored sentinel network timed now as the profile did.
 
     Multiplying predictions by the ratio follows changes of the device's speed since profiling (CPU
-    frequency, thermal state, a different thread count or background load) that affect all networks alike.
+    frequency, thermal state, background load) that affect all networks alike. The sentinel is timed
+    interleaved with calibration networks and reduced with the profile's statistic (the median of a moving
+    minimum of session medians): timed alone in fresh sessions it runs faster than in the profile's rounds.
     """
-    ref = profile.sentinel.get("latency_ms")
-    sentinel = sentinel_genotype(profile.macro)
+    from hwnas.profiling.sentinel_check import measure_sentinel
+
     if not has_repeatable_sentinel(profile):
         raise ValueError(f"profile {profile.name!r} has no sentinel measurement this version of hwnas can repeat")
-    try:
-        tcfg = timer.TimingConfig(**profile.device["timing"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"profile {profile.name!r}: device.timing is not a timing configuration ({err})") from None
-    cand = network_candidate("sentinel", sentinel, batch=tcfg.batch)
-    # Repeat the profile's statistic (the drift level: a moving minimum of session medians). A plain median
-    # is not robust here: on shared hosts whole runs of sessions of a tiny model come out ~1.9x slow.
-    records = [("sentinel", i, float("nan"), float(np.median(timer.time_model(cand.model, cand.input_shape, tcfg))))
-               for i in range(sessions)]
-    now = timer.sentinel_median(records, tcfg.drift_window)
-    return now / float(ref), now
-
+    now = measure_sentinel(profile, pairs)
+    return now / float(profile.sentinel["latency_ms"]), now

@@ -44,8 +44,13 @@ class TimingConfig:
     # candidate is corrected by its own sentinel; 0: the sentinel is timed before the candidate (profiles
     # written before this field existed) and the correction is the moving-minimum level.
     interleave: int = 10
+    provider: str = "CPUExecutionProvider"  # onnxruntime execution provider the sessions run on
+    # Provider options as sorted (key, value) pairs (hashable; a dict is accepted and converted).
+    provider_options: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        opts = self.provider_options.items() if isinstance(self.provider_options, dict) else self.provider_options
+        object.__setattr__(self, "provider_options", tuple(sorted((str(k), str(v)) for k, v in opts)))
         if self.optimization_level not in OPT_LEVELS:
             raise ValueError(f"optimization_level must be one of {OPT_LEVELS}, got {self.optimization_level!r}")
         for name in ("threads", "batch", "runs", "rounds"):
@@ -68,7 +73,33 @@ class TimingConfig:
 
     def to_dict(self) -> dict:
         """Plain dict for the profile's device block."""
-        return asdict(self)
+        return {**asdict(self), "provider_options": dict(self.provider_options)}
+
+    def providers(self) -> list:
+        """The `providers` argument of an InferenceSession: the configured one with its options."""
+        return [(self.provider, dict(self.provider_options))]
+
+
+def check_provider(name: str) -> None:
+    """ValueError naming the available providers unless this onnxruntime build has `name`."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if name not in available:
+        raise ValueError(f"execution provider {name!r} is not available in this onnxruntime {ort.__version__}; "
+                         f"available: {', '.join(available)}")
+
+
+def _session(model: bytes, cfg: TimingConfig, so=None):  # -> ort.InferenceSession
+    """An InferenceSession on the configured provider; an error, not a silent CPU fallback, when it is missing."""
+    import onnxruntime as ort
+
+    check_provider(cfg.provider)
+    session = ort.InferenceSession(model, sess_options=so or session_options(cfg), providers=cfg.providers())
+    if session.get_providers()[0] != cfg.provider:
+        raise ValueError(f"onnxruntime did not start execution provider {cfg.provider!r} "
+                         f"(session uses {session.get_providers()})")
+    return session
 
 
 def session_options(cfg: TimingConfig):  # -> ort.SessionOptions
@@ -94,9 +125,7 @@ def session_options(cfg: TimingConfig):  # -> ort.SessionOptions
 
 def _ready_session(model: bytes, input_shape: Sequence[int], cfg: TimingConfig) -> Callable[[], None]:
     """A fresh session with its input bound once, the first run and the warm-up done: one call = one run."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model, sess_options=session_options(cfg), providers=["CPUExecutionProvider"])
+    session = _session(model, cfg)
     x = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
     binding = session.io_binding()
     binding.bind_cpu_input(session.get_inputs()[0].name, x)
@@ -277,7 +306,7 @@ def node_times(model: bytes, input_shape: Sequence[int], cfg: TimingConfig, runs
     so.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         so.profile_file_prefix = os.path.join(tmp, "ort")
-        session = ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+        session = _session(model, cfg, so)
         feed = {session.get_inputs()[0].name: np.zeros(tuple(input_shape), dtype=np.float32)}
         skip = 1 + cfg.warmup  # the first run and the warm-up are profiled too; drop them
         for _ in range(skip + runs):
