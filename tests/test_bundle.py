@@ -222,3 +222,24 @@ def test_runner_in_a_venv_with_only_numpy_and_onnxruntime(fresh, tmp_path):
     assert meas["fingerprint"]["onnxruntime_version"] and meas["complete"]
     profile = bundle.profile_from_bundle(fresh)
     assert profile.validation["n"] == 4 and np.isfinite(profile.validation["mape"])
+
+
+def test_cli_export_bundle_then_from_measurements(tmp_path, tiny_macro, rng, capsys):
+    from hwnas.cli import main
+    from hwnas.export import load_report
+    from hwnas.search.front import FrontMember, ParetoFront
+    from hwnas.space import SearchSpace
+
+    space = SearchSpace(tiny_macro)
+    run_dir = tmp_path / "search"
+    run_dir.mkdir()
+    ParetoFront([FrontMember(space.sample(rng), 0.1, 1.0, 0.01)], (1.0, 10.0, 1.0)).save(run_dir / "front.json")
+    b = tmp_path / "members"
+    assert main(["export", str(run_dir), "--bundle", str(b)]) == 0
+    assert "--from-measurements" in capsys.readouterr().out and not (run_dir / "export").exists()
+    assert runner.main(["--bundle", str(b), "--threads", "1"]) == 0
+    out = tmp_path / "export"
+    main(["export", str(run_dir), "--from-measurements", str(b), "--out", str(out)])
+    report = load_report(out / "export_report.json")
+    assert report["members"][0]["measured_latency_ms"] > 0
+    assert report["measured_on"]["fingerprint"]["cpu_model"] and report["measured_on"]["timing"]["threads"] == 1
