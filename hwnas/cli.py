@@ -393,6 +393,12 @@ def _profile(args: argparse.Namespace) -> int:
             indent=2))
         return EXIT_OK
 
+    if args.from_measurements:
+        return _profile_from_measurements(args)
+    if args.ssh and args.run_here:
+        raise ValueError("give either --ssh HOST or --run-here, not both")
+    if args.device is None and (args.bundle or args.ssh) and not args.run_here:
+        raise ValueError("a profile of another device needs a name: give --device NAME")
     if args.device is None:
         from hwnas.profiling.fingerprint import device_slug
 
@@ -408,6 +414,8 @@ def _profile(args: argparse.Namespace) -> int:
                         **{k: v for k, v in (("n_calibration", args.n_calibration), ("n_validation", args.n_validation),
                                               ("runs", args.runs), ("rounds", args.rounds)) if v is not None})
     _writable_file(default_out(cfg), "--out")  # before the minutes of timing
+    if args.bundle or args.ssh or args.run_here:
+        return _profile_bundle(args, cfg)
     update, bar = _tqdm_progress(f"profile {args.device}")
     try:
         profile = profile_device(cfg, progress=update)
@@ -434,6 +442,95 @@ def _profile_interrupted(args: argparse.Namespace) -> str:
     return f"every finished timing is in {side}: rerun the same command with --resume to continue"
 
 
+# --- bundles and transports: profile another device (hwnas.profiling.bundle / transport) ---
+
+
+def _profile_summary(profile, out) -> dict:
+    v = profile.validation
+    return {"profile": str(out), "elapsed_s": profile.meta.get("elapsed_s"), "validation": {
+        k: v[k] for k in ("predictor", "n", "mape", "within_5pct", "within_10pct", "spearman", "kendall",
+                          "noise_ceiling_within_10pct")}}
+
+
+def _profile_from_measurements(args: argparse.Namespace) -> int:
+    """Fit and validate a profile from a measured bundle; write it to --out or profiles/NAME.json."""
+    from pathlib import Path
+
+    from hwnas.profiling.bundle import profile_from_bundle
+
+    profile = profile_from_bundle(args.from_measurements)
+    out = Path(args.out or Path("profiles") / f"{profile.name}.json")
+    profile.save(out)
+    print(json.dumps(_profile_summary(profile, out), indent=2))
+    return 0
+
+
+def _transport(args: argparse.Namespace):
+    """--ssh HOST: an SSHTransport; otherwise this machine in a separate process."""
+    from hwnas.profiling.transport import LocalTransport, SSHTransport
+
+    if args.ssh:
+        return SSHTransport(args.ssh, remote_python=args.remote_python, remote_dir=args.remote_dir,
+                            options=args.ssh_option or ())
+    return LocalTransport()
+
+
+def _runner_args(args: argparse.Namespace) -> list[str]:
+    """What the device's run.py is told: the provider, if one was chosen."""
+    provider = getattr(args, "provider", None)
+    return ["--provider", provider] if provider else []
+
+
+def measure_through(args: argparse.Namespace, bundle, desc: str) -> None:
+    """Run `bundle` through --ssh (or here) with a progress bar; a transport failure is one clear line."""
+    from hwnas.profiling.transport import TransportError, measure_bundle
+
+    update = _bar_to(desc)
+    try:
+        measure_bundle(_transport(args), bundle, _runner_args(args), progress=lambda done, total, stage: update(done, total))
+    except TransportError as err:
+        raise ValueError(f"{err} (finished timings stay on the device: rerun the same command to continue)") from None
+
+
+def _profile_bundle(args: argparse.Namespace, cfg) -> int:
+    """--bundle DIR: write the bundle; with --ssh HOST or --run-here also measure it there and fit the profile."""
+    from pathlib import Path
+
+    from hwnas.profiling.bundle import profile_from_bundle, write_profile_bundle
+    from hwnas.profiling.profiler import default_out
+
+    out = default_out(cfg)
+    bundle = Path(args.bundle or out.with_suffix(".bundle"))
+    to = _bar_to("write bundle")
+    write_profile_bundle(cfg, bundle, progress=lambda done, total, stage: to(done, total))
+    if not (args.ssh or args.run_here):
+        print(f"wrote {bundle}: copy it to the device and run `python3 {bundle.name}/run.py [--provider P] "
+              f"[--threads N]` there (needs Python >= 3.9, numpy, onnxruntime), bring the folder back and run "
+              f"`hwnas profile --from-measurements {bundle}`")
+        return 0
+    measure_through(args, bundle, f"measure {cfg.device}")
+    profile = profile_from_bundle(bundle)
+    profile.save(out)
+    print(json.dumps(_profile_summary(profile, out), indent=2))
+    return 0
+
+
+def add_device_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--bundle / --from-measurements / --ssh and its options, shared by profile and export."""
+    p.add_argument("--bundle", default=None, metavar="DIR",
+                   help=f"write {what} as ONNX + manifest + run.py (needs only Python, numpy, onnxruntime) to DIR; "
+                        "run it on the device with `python3 DIR/run.py`")
+    p.add_argument("--from-measurements", default=None, metavar="DIR",
+                   help="a bundle whose measurements.json came back from the device: use those timings")
+    p.add_argument("--ssh", default=None, metavar="USER@HOST",
+                   help="measure on this host over ssh/scp (resumes after a dropped connection)")
+    p.add_argument("--ssh-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="an ssh -o option, e.g. Port=2222 or IdentityFile=~/.ssh/pi (repeatable)")
+    p.add_argument("--remote-python", default="python3", help="Python on the --ssh host (default %(default)s)")
+    p.add_argument("--remote-dir", default=None,
+                   help="bundle folder on the --ssh host (default ~/hwnas-bundles/NAME-HASH)")
+
+
 def _add_profile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure this device's latencies and fit a latency predictor")
     p.add_argument("--device", default=None, help="profile name, file profiles/NAME.json (default: CPU model, cores, threads)")
@@ -452,6 +549,9 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refit", default=None, metavar="PROFILE",
                    help="fit the predictors of PROFILE again from the measurements it stores (no timing); "
                         "writes PROFILE, or --out")
+    add_device_flags(p, "every network the profile times")
+    p.add_argument("--run-here", action="store_true",
+                   help="with --bundle: run the bundle's run.py on this machine (a separate process) and fit")
     p.set_defaults(handler=_profile, interrupted=_profile_interrupted)
 
 
@@ -613,6 +713,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="with DIR: onnxruntime threads for re-measuring")
     _add_provider_flags(p, default=None)  # with DIR: must be the profile's provider (default: the profile's)
     _add_trust_flag(p)
+    add_device_flags(p, "the members (and sentinels) to re-measure on the device")
     p.set_defaults(handler=_export, interrupted=_export_interrupted)
 
 

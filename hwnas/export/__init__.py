@@ -33,7 +33,14 @@ def cli_export_dir(args: argparse.Namespace) -> int:
         if missing or any(not p.macro.same_but_resolution(m.genotype.macro) for p in profile for m in front.members):
             raise ValueError(f"the profiles {profile_paths} do not cover the front's macros "
                              f"{sorted({str(m.genotype.macro.to_dict()) for m in front.members})}")
+    on_device = any(getattr(args, k, None) for k in ("bundle", "ssh", "from_measurements"))
+    if profile and not on_device:  # timed here: the profiles must be this machine's settings and speed
         _check_profiles(profile, args)
+    measure_fn = None
+    if on_device:
+        measure_fn = _device_measure_fn(args, front, profile, out_dir, run_dir)
+        if measure_fn is None:
+            return 0  # the bundle is written; the device measures it next
     data = None
     if train_epochs > 0:
         supernet_dir = front.config.get("supernet")
@@ -42,7 +49,10 @@ def cli_export_dir(args: argparse.Namespace) -> int:
         data = _load_search_data(Path(supernet_dir))
     report = export_front(front, out_dir, profile=profile, train_epochs=train_epochs, data=data,
                           threads=getattr(args, "threads", None), progress=_progress_printer(),
-                          train_seeds=getattr(args, "train_seeds", 1))  # export_front rejects < 1
+                          train_seeds=getattr(args, "train_seeds", 1),  # export_front rejects < 1
+                          measure_fn=measure_fn)
+    if measure_fn is not None:
+        _record_device(out_dir / REPORT_NAME, report, measure_fn)
     print(format_table(report))
     print(f"wrote {out_dir / REPORT_NAME}")
     return 0 if report["summary"]["n_passed"] == report["summary"]["n"] else 1
@@ -61,6 +71,36 @@ def _check_profiles(profiles: list, args: argparse.Namespace) -> None:
     require_settings(profiles, getattr(args, "provider", None), options)
     for p in profiles:  # another device's profile passes unchecked: export then reports it did not measure
         validate_here(p, trust=bool(getattr(args, "trust_profile", False)))
+
+
+def _device_measure_fn(args: argparse.Namespace, front, profile, out_dir: Path, run_dir: Path):
+    """--from-measurements B: the device's timings; --bundle B / --ssh HOST: write the members' bundle (and measure it
+    over ssh). None when the bundle was only written."""
+    from hwnas.profiling.bundle import export_measure_fn, write_export_bundle
+
+    if args.from_measurements:
+        return export_measure_fn(args.from_measurements, front.members)
+    profiles = {p.macro: p for p in (profile or [])}
+    first = next(iter(profiles.values()), None)
+    threads = args.threads or int((first.device.get("threads") if first is not None else None) or 1)
+    bundle = Path(args.bundle or out_dir / "device-bundle")
+    write_export_bundle(front.members, profiles, bundle, threads, name=f"export-{run_dir.resolve().name}")
+    if not args.ssh:
+        print(f"wrote {bundle}: run `python3 {bundle.name}/run.py` on the device, bring the folder back and run "
+              f"`hwnas export {args.dir} --from-measurements {bundle}`")
+        return None
+    from hwnas.cli import measure_through
+
+    measure_through(args, bundle, "measure members")
+    return export_measure_fn(bundle, front.members)
+
+
+def _record_device(path: Path, report: dict, measure_fn) -> None:
+    """Say in the export report which device measured the latencies (its fingerprint and timing)."""
+    from hwnas.jsonio import atomic_write_json
+
+    report["measured_on"] = {"fingerprint": measure_fn.fingerprint, "timing": measure_fn.timing}
+    atomic_write_json(path, report)
 
 
 def _load_search_data(supernet_dir: Path):  # -> MultiResolutionData

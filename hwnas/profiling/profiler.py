@@ -12,7 +12,7 @@ import numpy as np
 from torch import nn
 
 from hwnas.config import MacroConfig, ProfileConfig
-from hwnas.profiling import timer
+from hwnas.profiling import runner, timer
 from hwnas.profiling.blocks import BlockSpec, DepthTables, depth_groups, depth_tables, fixed_blocks, op_blocks
 from hwnas.jsonio import atomic_write_json, dumps, parse_json, read_text
 from hwnas.profiling.device_profile import DeviceProfile, read_json
@@ -226,25 +226,11 @@ def profile_device(cfg: ProfileConfig, progress: Progress | None = None) -> Devi
     step(1, total, "export")
     step(len(side.records), total, "resumed")
 
-    rounds_run = 0
-    t_timing, n_before = time.monotonic(), len(side.records)
-    try:
-        for r in range(cfg.rounds):
-            pending = sum((c.key, r) not in side.done for c in candidates)
-            if pending == 0:
-                rounds_run += 1
-                continue
-            per_task = (time.monotonic() - t_timing) / max(len(side.records) - n_before, 1)
-            if rounds_run >= 2 and elapsed() + pending * per_task > budget_s:
-                log.warning("time budget of %.1f min reached after %d of %d rounds; the profile uses those (--resume adds the rest)",
-                            cfg.budget_min, rounds_run, cfg.rounds)
-                break
-            timer.run_round(
-                candidates, r, tcfg, sentinel, seed=cfg.seed,
-                done=lambda k, rr: (k, rr) in side.done,
-                on_record=lambda rec: (side.add(rec, elapsed()), step(1, total, f"round {rec[1] + 1}/{cfg.rounds}")),
-            )
-            rounds_run += 1
+    try:  # the loop of the bundle runner (hwnas.profiling.runner): a local profile is timed like a device's
+        rounds_run = runner.measure_rounds(
+            candidates, sentinel, tcfg, side.records, seed=cfg.seed, budget_s=budget_s, elapsed=elapsed,
+            on_record=lambda rec: (side.add(rec, elapsed()), step(1, total, f"round {rec[1] + 1}/{cfg.rounds}")),
+        )
     except BaseException:
         side.save(elapsed())  # interrupted: keep every finished timing for --resume
         raise
