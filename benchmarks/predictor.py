@@ -63,7 +63,7 @@ def node_profiling_comparison(profile, runs: int = 30) -> dict:
     import re
 
     from hwnas.predictors import CalibratedPredictor, ScaledBlockSumPredictor
-    from hwnas.profiling.blocks import cell_shapes, pair_block, pair_tables
+    from hwnas.profiling.blocks import cell_shapes, pair_block, pair_counts, pair_tables
 
     from hwnas.space.genotype import stage_depths
 
@@ -104,7 +104,7 @@ def node_profiling_comparison(profile, runs: int = 30) -> dict:
     out: dict = {"extra_profiling_seconds": round(seconds, 1), "n_calibration": len(cal), "n_validation": len(val)}
     for source, (table, fixed) in tables.items():
         for cls in (ScaledBlockSumPredictor, CalibratedPredictor):
-            pred = cls(table, fixed).fit_encoded(xc, y).predict_encoded(xv)
+            pred = cls(table, fixed, pair_counts(profile.macro)).fit_encoded(xc, y).predict_encoded(xv)  # full depth
             out[f"{source}/{cls.name}"] = agreement(pred, yv)
     return out
 

@@ -267,6 +267,7 @@ SUBCOMMANDS += [_add_search, _add_run]
 def _train_supernet(args: argparse.Namespace) -> int:
     """Train a supernet (DARTS bilevel + single-path fine-tuning) with a progress bar; resumable."""
     from dataclasses import fields, replace
+
     from tqdm import tqdm
 
     from hwnas.config import MacroConfig, SupernetConfig
