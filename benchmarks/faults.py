@@ -273,6 +273,7 @@ def run_kills(world: corrupt.World, tmp: Path, kills: int, seed: int, commands: 
         row["equal_to_uninterrupted"] = (equal(ref, run) if row["survived"] else False) if equal else None
         row["compared"] = what
         table[name] = row
+        print(json.dumps({name: row}), file=sys.stderr, flush=True)  # a long run shows each command as it ends
 
     train = ["--data", f"npz:{data}", "--epochs", "1", "--sample-epochs", "5", "--C", "4", "--layers", "3",
              "--resolution", "8", "--batch-size", "16", "--resume"]
