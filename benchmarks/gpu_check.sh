@@ -23,7 +23,7 @@ record() { STATUS[$1]=$2; echo "$2: $1"; }
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU', torch.cuda.is_available())"
-for mod in pytest numpy; do
+for mod in pytest numpy tqdm; do
   if ! "$PY" -c "import $mod" 2>/dev/null && [ -d .whl ]; then
     "$PY" -m pip install -q --no-index --find-links .whl "$mod" || echo "could not install $mod from .whl/"
   fi
