@@ -41,7 +41,8 @@ def cli_export_dir(args: argparse.Namespace) -> int:
         data = _load_search_data(Path(supernet_dir))
     report = export_front(front, out_dir, profile=profile, train_epochs=train_epochs, data=data,
                           threads=getattr(args, "threads", None), progress=_progress_printer(),
-                          train_seeds=getattr(args, "train_seeds", 1))  # export_front rejects < 1
+                          train_seeds=getattr(args, "train_seeds", 1),  # export_front rejects < 1
+                          workers=getattr(args, "workers", 0) or 0, scheduler=getattr(args, "scheduler", None))
     print(format_table(report))
     print(f"wrote {out_dir / REPORT_NAME}")
     return 0 if report["summary"]["n_passed"] == report["summary"]["n"] else 1
