@@ -28,8 +28,10 @@ def wants_dask(workers: int, scheduler: str | None) -> bool:
 @contextlib.contextmanager
 def dask_client(workers: int, scheduler: str | None) -> Iterator[Any]:
     """A dask.distributed Client on `scheduler`, or on a LocalCluster of `workers` one-thread processes."""
-    from dask.distributed import Client, LocalCluster
-
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise ValueError("--workers / --scheduler need dask.distributed: pip install 'hwnas[dask]'") from None
     cluster = None
     if scheduler:
         try:
