@@ -1,17 +1,19 @@
-"""Stand-alone training step of a discrete Network: eager PyTorch vs the compiled kernels, side by side.
+"""Stand-alone training step of a discrete Network: eager PyTorch vs the fast training modes, side by side.
 
     PYTHONPATH=. python3 benchmarks/train_speed.py [--rounds 5] [--batch 128] [--C 16] [--layers 5]
         [--resolution 28] [--arch-seed 0] [--threads N] [--out benchmarks/results/train_speed.json]
 
 One step = forward + cross-entropy + backward + SGD (momentum) step, as hwnas.train.standalone does it.
-Two copies of the same network with identical weights train on the same batch; the steps are timed
-round-robin (eager, compiled, eager, ...) so load drift hits both alike, and medians are reported.
-`ratio` > 1 means the compiled training step is faster. The first step's losses and gradients are
-compared too (`max_grad_diff`): the two paths compute the same function.
+Copies of the same network with identical weights train on the same batch, one per mode of
+hwnas.train.fast_ops (eager, compiled, channels_last); the steps are timed round-robin so load drift
+hits all alike, and medians are reported. `ratio_<mode>` > 1 means that mode's step is faster than
+eager. The first step's losses and gradients are compared too (`agreement`): the modes compute the
+same function.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from hwnas.config import MacroConfig
 from hwnas.space import SearchSpace
 from hwnas.space.network import Network
-from hwnas.train.fast_ops import available, compiled_training
+from hwnas.train.fast_ops import MODES, available, fast_training
 
 SCHEMA_VERSION = 1
 
@@ -51,21 +53,22 @@ def make_step(net: Network, x: torch.Tensor, y: torch.Tensor):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
 
-def first_step_agreement(eager: Network, fast: Network, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """|loss difference| and max |gradient difference| of one forward/backward on copies of both nets."""
+def first_step_agreement(eager: Network, fast: Network, mode: str, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """|loss difference| and max |gradient difference| relative to the largest gradient, one forward/backward."""
     a, b = copy.deepcopy(eager), copy.deepcopy(fast)
     la = F.cross_entropy(a(x), y)
     la.backward()
-    with compiled_training(b):
+    with fast_training(b, mode):
         lb = F.cross_entropy(b(x), y)
         lb.backward()
     grad_diff = max(float((pa.grad - pb.grad).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
-    return {"loss_diff": abs(float(la.detach()) - float(lb.detach())), "max_grad_diff": grad_diff}
+    grad_max = max(float(pa.grad.abs().max()) for pa in a.parameters())
+    return {"loss_diff": abs(float(la.detach()) - float(lb.detach())), "max_grad_diff_rel": grad_diff / grad_max}
 
 
 def main() -> None:
@@ -82,28 +85,30 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not available():
-        raise SystemExit("hwnas._C is not built: nothing to compare (build the extension first)")
+        raise SystemExit("hwnas._C is not built: the compiled mode would be eager (build the extension first)")
 
     macro = MacroConfig(C=args.C, layers=args.layers, in_channels=1, resolution=args.resolution, classes=10)
     genotype = SearchSpace(macro).sample(np.random.default_rng(args.arch_seed))
     torch.manual_seed(0)
     eager = Network(genotype).train()
-    fast = copy.deepcopy(eager)
+    nets = {mode: copy.deepcopy(eager) for mode in MODES}
     x = torch.randn(args.batch, 1, args.resolution, args.resolution)
     y = torch.randint(0, 10, (args.batch,))
-    agreement = first_step_agreement(eager, fast, x, y)
+    agreement = {m: first_step_agreement(eager, nets[m], m, x, y) for m in MODES if m != "eager"}
 
-    steps = {"eager": make_step(eager, x, y), "compiled": make_step(fast, x, y)}
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    with compiled_training(fast):
-        for name, step in steps.items():  # warm-up (allocator, oneDNN primitive cache)
+    steps = {m: make_step(net, x, y) for m, net in nets.items()}
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    with contextlib.ExitStack() as stack:
+        for m, net in nets.items():
+            stack.enter_context(fast_training(net, m))
+        for step in steps.values():  # warm-up (allocator, oneDNN primitive cache)
             step()
         for _ in range(args.rounds):
-            for name, step in steps.items():
+            for m, step in steps.items():
                 start = time.perf_counter()
                 step()
-                times[name].append(time.perf_counter() - start)
-    med = {k: statistics.median(v) for k, v in times.items()}
+                times[m].append(time.perf_counter() - start)
+    med = {m: statistics.median(v) for m, v in times.items()}
     result = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "standalone training step (forward + backward + SGD)",
@@ -112,15 +117,15 @@ def main() -> None:
         "torch": torch.__version__,
         "macro": macro.to_dict(),
         "batch": args.batch,
-        "genotype": genotype.to_dict(),
+        "arch_id": genotype.arch_id,
+        "normal": [f"{op}@{inp}" for op, inp in genotype.normal],
+        "reduce": [f"{op}@{inp}" for op, inp in genotype.reduce],
         "rounds": args.rounds,
-        "eager_step_s": round(med["eager"], 4),
-        "compiled_step_s": round(med["compiled"], 4),
-        "ratio": round(med["eager"] / med["compiled"], 3),
-        "eager_images_per_s": round(args.batch / med["eager"], 1),
-        "compiled_images_per_s": round(args.batch / med["compiled"], 1),
-        "all_times_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
-        **{k: float(f"{v:.3g}") for k, v in agreement.items()},
+        "step_s": {m: round(v, 4) for m, v in med.items()},
+        **{f"ratio_{m}": round(med["eager"] / med[m], 3) for m in MODES if m != "eager"},
+        "images_per_s": {m: round(args.batch / v, 1) for m, v in med.items()},
+        "all_times_s": {m: [round(t, 4) for t in v] for m, v in times.items()},
+        "agreement": {m: {k: float(f"{v:.3g}") for k, v in a.items()} for m, a in agreement.items()},
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -712,6 +712,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default=None, action="append",
                    help="with DIR: device profile, repeated for each input resolution (default: the ones the search used)")
     p.add_argument("--threads", type=int, default=None, help="with DIR: onnxruntime threads for re-measuring")
+    p.add_argument("--workers", type=int, default=0,
+                   help="with --train-epochs: train the members on a Dask LocalCluster of N processes")
+    p.add_argument("--scheduler", default=None, help="with --train-epochs: train on the Dask scheduler at this address")
     _add_provider_flags(p, default=None)  # with DIR: must be the profile's provider (default: the profile's)
     _add_trust_flag(p)
     add_device_flags(p, "the members (and sentinels) to re-measure on the device")

@@ -241,7 +241,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
         raw = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise ValueError(f"cannot read {path} ({type(err).__name__}: {err})") from None
-    magic = 0x0800 | ndim
+    magic = (IDX_UBYTE << 8) | ndim
     if len(raw) < 4 or raw[:4] != magic.to_bytes(4, "big"):
         found = raw[:4].hex() if len(raw) >= 4 else f"{len(raw)} bytes"
         raise ValueError(f"{path} is not an IDX file of unsigned bytes with {ndim} dimension(s) "

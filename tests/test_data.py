@@ -302,3 +302,19 @@ def test_real_fashion_mnist_files() -> None:
     assert len(d.test) == 10_000 and len(d.valid) == 12_000 and len(d.train) == 500
     assert torch.bincount(d.test.tensors[1]).tolist() == [1000] * 10  # the official test set is balanced
     assert torch.bincount(d.train.tensors[1]).tolist() == [50] * 10
+
+
+def test_train_subset_flag_reaches_the_supernet_config(tmp_path: Path, capsys) -> None:
+    from hwnas.cli import build_parser, main
+    from hwnas.config import SupernetConfig
+    from hwnas.train.supernet import load_data
+
+    args = build_parser().parse_args(["train-supernet", "--out", str(tmp_path), "--train-subset", "40"])
+    assert args.train_subset == 40
+    cfg = SupernetConfig(data="digits", train_subset=40)
+    assert SupernetConfig.from_dict(cfg.to_dict()) == cfg and len(load_data(cfg).train) == 40
+    assert SupernetConfig.from_dict({"data": "digits"}).train_subset == 0  # files written before the field
+    with pytest.raises(ValueError, match="train_subset"):
+        SupernetConfig(train_subset=-3)
+    assert main(["train-supernet", "--data", f"idx:{tmp_path / 'none'}", "--out", str(tmp_path / "o")]) == 2
+    assert "is not a directory" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from hwnas.config import MacroConfig
 from hwnas.space import Genotype
 from hwnas.space.network import Network
 from hwnas.train import fast_ops
-from hwnas.train.fast_ops import compiled_training, pointwise
+from hwnas.train.fast_ops import fast_training, pointwise
 
 CONVS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
 needs_extension = pytest.mark.skipif(not fast_ops.available(), reason="hwnas._C is not built")
@@ -33,23 +33,23 @@ def _conv_genotype() -> Genotype:
     return Genotype(normal=pairs, reduce=pairs, macro=macro)
 
 
-def _loss_and_grads(net: Network, x: torch.Tensor, y: torch.Tensor, compiled: bool):
+def _loss_and_grads(net: Network, x: torch.Tensor, y: torch.Tensor, mode: str):
     net.zero_grad(set_to_none=True)
-    with compiled_training(net, enabled=compiled) as used:
+    with fast_training(net, mode) as used:
         loss = F.cross_entropy(net(x), y)
         loss.backward()
     return used, loss.detach(), {n: p.grad for n, p in net.named_parameters()}
 
 
-@needs_extension
-def test_compiled_training_equals_eager_loss_gradients_and_bn_stats() -> None:
+@pytest.mark.parametrize("mode", [pytest.param("compiled", marks=needs_extension), "channels_last"])
+def test_fast_training_equals_eager_loss_gradients_and_bn_stats(mode: str) -> None:
     torch.manual_seed(0)
     eager = Network(_conv_genotype()).double().train()
     fast = copy.deepcopy(eager)
     x, y = torch.randn(6, 1, 9, 9, dtype=torch.float64), torch.randint(0, 5, (6,))
-    used_eager, loss_e, grads_e = _loss_and_grads(eager, x, y, compiled=False)
-    used_fast, loss_f, grads_f = _loss_and_grads(fast, x, y, compiled=True)
-    assert (used_eager, used_fast) == (False, True)
+    used_eager, loss_e, grads_e = _loss_and_grads(eager, x, y, "eager")
+    used_fast, loss_f, grads_f = _loss_and_grads(fast, x, y, mode)
+    assert (used_eager, used_fast) == ("eager", mode)
     torch.testing.assert_close(loss_f, loss_e)
     assert grads_f.keys() == grads_e.keys()
     for name in grads_e:
@@ -57,24 +57,29 @@ def test_compiled_training_equals_eager_loss_gradients_and_bn_stats() -> None:
     for (name, a), b in zip(eager.state_dict().items(), fast.state_dict().values()):
         torch.testing.assert_close(b, a, msg=name)  # BatchNorm running statistics moved alike
     fast.eval(), eager.eval()
-    with compiled_training(fast):
+    with fast_training(fast, mode):
         torch.testing.assert_close(fast(x), eager(x))
 
 
-@needs_extension
-def test_compiled_training_restores_the_plain_modules() -> None:
+@pytest.mark.parametrize("mode", [pytest.param("compiled", marks=needs_extension), "channels_last"])
+def test_fast_training_restores_the_plain_modules(mode: str) -> None:
     net = Network(_conv_genotype())
-    with compiled_training(net):
-        assert any("forward" in m.__dict__ for m in net.modules())
+    with fast_training(net, mode):
+        net(torch.randn(2, 1, 9, 9)).sum().backward()
     assert not any("forward" in m.__dict__ for m in net.modules())  # export sees plain nn ops again
+    assert not net._forward_pre_hooks
+    assert all(p.is_contiguous() for p in net.parameters())
 
 
 def test_without_the_extension_training_stays_eager(monkeypatch) -> None:
     monkeypatch.setattr(fast_ops, "available", lambda: False)
     net = Network(_conv_genotype())
-    with compiled_training(net) as used:
-        assert used is False and not any("forward" in m.__dict__ for m in net.modules())
+    with fast_training(net, "compiled") as used:
+        assert used == "eager" and not any("forward" in m.__dict__ for m in net.modules())
         net(torch.randn(2, 1, 9, 9)).sum().backward()
+    with pytest.raises(ValueError, match="training mode"):
+        with fast_training(net, "fastest"):
+            pass
 
 
 def test_pointwise_is_a_1x1_convolution() -> None:

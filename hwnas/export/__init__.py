@@ -50,7 +50,8 @@ def cli_export_dir(args: argparse.Namespace) -> int:
     report = export_front(front, out_dir, profile=profile, train_epochs=train_epochs, data=data,
                           threads=getattr(args, "threads", None), progress=_progress_printer(),
                           train_seeds=getattr(args, "train_seeds", 1),  # export_front rejects < 1
-                          measure_fn=measure_fn)
+                          measure_fn=measure_fn,
+                          workers=getattr(args, "workers", 0) or 0, scheduler=getattr(args, "scheduler", None))
     if measure_fn is not None:
         _record_device(out_dir / REPORT_NAME, report, measure_fn)
     print(format_table(report))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from hwnas.data import splits_at
+from hwnas.export.parallel import pretrained, wants_dask
 from hwnas.jsonio import atomic_write_json, load_json
 from hwnas.search.front import FrontMember, ParetoFront
 from hwnas.space.genotype import Genotype
@@ -199,6 +200,8 @@ def export_front(
     progress: Progress | None = None,
     scale_fn: ScaleFn | None = None,
     train_seeds: int = 1,
+    workers: int = 0,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """ONNX + checks + measured latency for every member; writes out_dir/export_report.json and returns it.
 
@@ -206,7 +209,8 @@ def export_front(
     measurement thread count and the noise ceiling the predicted/measured agreement is compared with.
     `data` is the dataset (a DataSplits, or a resolution -> DataSplits mapping). `train_ids` limits stand-alone training to those
     arch_ids (None: every member). A trained member is trained `train_seeds` times (seeds `seed`, `seed` + 1, ...): its
-    test accuracy is the mean, and the first run is the network exported. A member failing any check keeps its row, with errors. After measuring,
+    test accuracy is the mean, and the first run is the network exported; `workers` > 1 or a Dask `scheduler` address trains
+    all those runs on a Dask cluster first. A member failing any check keeps its row, with errors. After measuring,
     the profile's sentinel is timed again (`scale_fn`, default `sentinel_scale`) and the predictions are
     also reported rescaled by it, as `hwnas predict --rescale` would give them now.
     """
@@ -236,6 +240,11 @@ def export_front(
 
     rows = []
     n = len(front.members)
+    if train_epochs > 0 and data is not None and wants_dask(workers, scheduler):
+        to_train = [m.genotype for m in front.members if train_ids is None or m.arch_id in train_ids]
+        train_fn = pretrained(to_train, lambda g: splits_at(data, g.macro.resolution), train_epochs,
+                              range(seed, seed + train_seeds), train_fn or _train_network, workers, scheduler,
+                              None if progress is None else lambda done, total: progress("train", done, total))
     finished = _read_partial(out_dir)  # members a killed run already exported (and trained)
     for rank, member in enumerate(front.members):
         epochs = train_epochs if train_ids is None or member.arch_id in train_ids else 0

@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 from hwnas.data import DataSplits
 from hwnas.space.genotype import Genotype
 from hwnas.space.network import Network
-from hwnas.train.fast_ops import compiled_training
+from hwnas.train.fast_ops import DEFAULT_MODE, fast_training
 
 Progress = Callable[[int, int, dict[str, Any]], None]  # (steps done, total steps, latest metrics)
 
@@ -43,12 +43,12 @@ def train_network(
     lr: float | None = None,
     weight_decay: float = 3e-4,
     grad_clip: float = 5.0,
-    compiled: bool = True,
+    mode: str = DEFAULT_MODE,
 ) -> tuple[Network, float]:
     """Train `genotype`'s network from scratch on the train split (cosine schedule); returns it and its test accuracy.
 
-    `compiled`: run the conv ops' training forward/backward on the compiled kernels when hwnas._C is built
-    (same results as eager, several times faster on CPU); the returned network is the plain nn module.
+    `mode` ("compiled", "channels_last" or "eager", see hwnas.train.fast_ops) only changes how fast the
+    steps run, not what they compute; the returned network is the plain nn module either way.
     """
     macro = genotype.macro
     if (macro.in_channels, macro.classes, macro.resolution) != (data.in_channels, data.num_classes, data.resolution):
@@ -74,7 +74,7 @@ def train_network(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(seed)
     net.train()
-    with compiled_training(net, enabled=compiled):
+    with fast_training(net, mode):
         for epoch in range(epochs):
             perm = torch.randperm(len(x_train), generator=gen)
             for step in range(steps_per_epoch):
