@@ -180,8 +180,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 def _add_trust_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-profile", action="store_true",
-                   help="use this machine's profile even when its sentinel network, timed here first, is off by more "
-                        "than the profile's noise")
+                   help="use this machine's profile without first timing its sentinel network here (by default a "
+                        "profile whose sentinel is off by more than its own noise is refused)")
 
 
 def _add_provider_flags(p: argparse.ArgumentParser, default: str | None = "CPUExecutionProvider") -> None:

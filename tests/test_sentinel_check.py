@@ -80,9 +80,9 @@ def test_validate_refuses_unless_trusted_and_skips_another_device(made, monkeypa
     off = with_sentinel_ms(profile, profile.sentinel["latency_ms"] / 1.3)
     with pytest.raises(ValueError, match=r"ratio 1\.30.*--trust-profile"):
         sentinel_check.validate_here(off)
+    monkeypatch.setattr(timer, "time_model", lambda *a: pytest.fail("timed although trusted / another device's"))
     match, check = sentinel_check.validate_here(off, trust=True)
-    assert not check.ok and "--trust-profile" in caplog.text
-    monkeypatch.setattr(timer, "time_model", lambda *a: pytest.fail("another device's profile must not be timed here"))
+    assert check is None and "--trust-profile" in caplog.text
     match, check = sentinel_check.validate_here(other_device(off))
     assert match.other and check is None
 
@@ -201,3 +201,16 @@ def test_profile_records_provider_and_options_and_predictions_require_them(tiny_
     other = replace(profile, name="q", device={**profile.device, "provider": "XnnpackExecutionProvider"})
     with pytest.raises(ValueError, match="different execution providers"):
         sentinel_check.require_settings([profile, other])
+
+
+def test_search_validation_loads_checks_and_refuses_an_off_profile(made, tmp_path):
+    """What `hwnas search` runs before building the problem."""
+    profile, path = made
+    assert [p.name for p in sentinel_check.validate_profiles([path])] == ["tiny"]
+    off = tmp_path / "off.json"
+    with_sentinel_ms(profile, profile.sentinel["latency_ms"] * 0.8).save(off)
+    with pytest.raises(ValueError, match=r"ratio 1\.25"):
+        sentinel_check.validate_profiles([path, str(off)])
+    assert len(sentinel_check.validate_profiles([str(off)], trust=True)) == 1
+    with pytest.raises(ValueError, match="measured with another"):
+        sentinel_check.validate_profiles([path], provider="XnnpackExecutionProvider")

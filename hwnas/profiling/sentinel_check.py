@@ -216,19 +216,20 @@ def validate_here(profile: DeviceProfile, trust: bool = False,
                   check: Callable[[DeviceProfile], SentinelCheck] = check_sentinel) -> tuple[FingerprintMatch, SentinelCheck | None]:
     """The fingerprint verdict and, for this machine's profile (or one that cannot tell), the sentinel check.
 
-    Raises ValueError when the sentinel is off, unless `trust` (the user's explicit override): then warns.
+    Raises ValueError when the sentinel is off. `trust` (the user's explicit override) skips the timing.
     Another device's profile is returned unchecked: its predictions are for that device.
     """
     match = profile.fingerprint_match()
     if match.other:
         log.info("profile %r is for another device (%s): predictions are for that device", profile.name, match.describe())
         return match, None
+    if trust:
+        log.warning("profile %r: sentinel not checked on this machine (%s)", profile.name, OVERRIDE_FLAG)
+        return match, None
     result = check(profile)
     if not result.ok:
-        if not trust:
-            raise ValueError(f"{result.message()}: this machine is not the one profiled; run `hwnas profile` here, "
-                             f"or pass {OVERRIDE_FLAG} to use the profile anyway")
-        log.warning("%s; proceeding because of %s", result.message(), OVERRIDE_FLAG)
+        raise ValueError(f"{result.message()}: this machine is not the one profiled; run `hwnas profile` here, "
+                         f"or pass {OVERRIDE_FLAG} to use the profile anyway")
     return match, result
 
 
