@@ -81,8 +81,9 @@ def test_manifest_lists_every_planned_model_with_its_hash(written, tiny_macro):
 
 def test_writing_the_same_bundle_again_keeps_its_measurements(fresh, tiny_macro):
     (fresh / runner.PARTIAL_NAME).write_text("{}")
-    bundle.write_profile_bundle(tiny_cfg(tiny_macro), fresh)  # same plan, same bytes: a no-op
-    assert (fresh / runner.PARTIAL_NAME).exists()
+    before = (fresh / "manifest.json").read_text()
+    bundle.write_profile_bundle(tiny_cfg(tiny_macro), fresh)  # the same config: reused as it is
+    assert (fresh / runner.PARTIAL_NAME).exists() and (fresh / "manifest.json").read_text() == before
     with pytest.raises(bundle.BundleError, match="holds measurements of another bundle"):
         bundle._prepare_dir(fresh, "{}")  # what another config's manifest would meet
     (fresh / "manifest.json").unlink()

@@ -146,6 +146,9 @@ def write_profile_bundle(cfg: Any, out_dir: str | Path, progress: Progress | Non
     import torch
 
     cfg = cfg.resolved()
+    if _same_profile_bundle(Path(out_dir), cfg):
+        log.info("%s already holds the bundle of this profile config; reusing it (and its measurements)", out_dir)
+        return Path(out_dir) / runner.MANIFEST_NAME
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # the plan builds the fixed parts' modules: same weights, same bundle
         plan = make_plan(cfg)
@@ -170,6 +173,20 @@ def write_profile_bundle(cfg: Any, out_dir: str | Path, progress: Progress | Non
     }
     return write_bundle(out_dir, cfg.device, "profile", [(PROFILE_GROUP, sentinel, models)],
                         timing_config(cfg), seed=cfg.seed, extra=extra)
+
+
+def _same_profile_bundle(out: Path, cfg: Any) -> bool:
+    """Whether `out` holds an intact bundle of the same profile config (a rerun continues with it, no re-export)."""
+    from hwnas.profiling.profiler import timing_config
+
+    try:
+        m = runner.read_manifest(out)
+    except BundleError:
+        return False
+    info = m.get("profile") or {}
+    return (m.get("purpose") == "profile" and info.get("device") == cfg.device
+            and info.get("config") == json.loads(json.dumps(cfg.measurement_key()))
+            and m.get("timing") == timing_config(cfg).to_dict() and m.get("budget_min") == cfg.budget_min)
 
 
 def profile_config_of(manifest: dict[str, Any], threads: int | None = None) -> Any:

@@ -209,7 +209,6 @@ def fingerprint(cfg: "timer.TimingConfig") -> Dict[str, Any]:
         "providers": ort.get_available_providers(),
         "provider": getattr(cfg, "provider", "CPUExecutionProvider"),
         "threads": cfg.threads,
-        "hostname": platform.node(),
     }
 
 
