@@ -49,12 +49,15 @@ def fresh(written, tmp_path) -> Path:
     return dst
 
 
-def test_timer_imports_with_torch_and_hwnas_blocked(written):
+def test_timer_and_fingerprint_import_with_torch_and_hwnas_blocked(written):
     code = BLOCKER + f"""
 import importlib.util
-spec = importlib.util.spec_from_file_location('hwnas_timer', {str(REPO / 'hwnas/profiling/timer.py')!r})
-mod = sys.modules['hwnas_timer'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-print(mod.TimingConfig().rounds)
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = sys.modules[name] = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+print(load('hwnas_timer', {str(REPO / 'hwnas/profiling/timer.py')!r}).TimingConfig().rounds)
+print(load('hwnas_fingerprint', {str(REPO / 'hwnas/profiling/fingerprint.py')!r}).device_fingerprint()['cores'])
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -77,12 +80,14 @@ def test_manifest_lists_every_planned_model_with_its_hash(written, tiny_macro):
     assert {e["role"] for e in group["models"]} == {"overhead", "fixed part", "block", "calibration", "validation"}
     assert (written / "run.py").read_bytes() == (REPO / "hwnas/profiling/runner.py").read_bytes()
     assert (written / "hwnas_timer.py").read_bytes() == (REPO / "hwnas/profiling/timer.py").read_bytes()
+    assert (written / "hwnas_fingerprint.py").read_bytes() == (REPO / "hwnas/profiling/fingerprint.py").read_bytes()
 
 
 def test_writing_the_same_bundle_again_keeps_its_measurements(fresh, tiny_macro):
     (fresh / runner.PARTIAL_NAME).write_text("{}")
-    bundle.write_profile_bundle(tiny_cfg(tiny_macro), fresh)  # same plan, same bytes: a no-op
-    assert (fresh / runner.PARTIAL_NAME).exists()
+    before = (fresh / "manifest.json").read_text()
+    bundle.write_profile_bundle(tiny_cfg(tiny_macro), fresh)  # the same config: reused as it is
+    assert (fresh / runner.PARTIAL_NAME).exists() and (fresh / "manifest.json").read_text() == before
     with pytest.raises(bundle.BundleError, match="holds measurements of another bundle"):
         bundle._prepare_dir(fresh, "{}")  # what another config's manifest would meet
     (fresh / "manifest.json").unlink()
@@ -150,7 +155,8 @@ def test_from_measurements_writes_a_valid_profile(fresh, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["validation"]["n"] == 4 and summary["profile"] == str(out)
     assert profile.name == "tiny-device" and profile.meta["measured_by"] == "bundle runner"
-    assert profile.device["cpu"] and profile.device["timing"]["runs"] == 2
+    assert profile.device["isa"] and profile.device["cpu_vendor"] and profile.device["timing"]["runs"] == 2
+    assert profile.device["provider"] == "CPUExecutionProvider"
     assert profile.sentinel["latency_ms"] > 0 and len(profile.calibration) == 6
 
 

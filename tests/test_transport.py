@@ -117,3 +117,22 @@ def test_ssh_measurement_survives_a_killed_connection(small_bundle, tmp_path):
     assert len(meas["sessions"]) >= 2 and meas["sessions"][-1]["resumed_with"] >= killed[0]
     assert sum(s["timed"] for s in meas["sessions"]) == 18  # nothing finished was timed again
     assert (tmp_path / "remote" / runner.PARTIAL_NAME).exists()  # the device kept its own state
+
+
+@pytest.mark.skipif(sshd_missing() is not None, reason=f"no local OpenSSH server: {sshd_missing()}")
+def test_cli_export_measures_members_over_ssh(tmp_path, tiny_macro, rng):
+    from hwnas.cli import main
+    from hwnas.export import load_report
+    from hwnas.search.front import FrontMember, ParetoFront
+
+    run_dir = tmp_path / "search"
+    run_dir.mkdir()
+    ParetoFront([FrontMember(SearchSpace(tiny_macro).sample(rng), 0.1, 1.0, 0.01)], (1.0, 10.0, 1.0)).save(
+        run_dir / "front.json")
+    with local_sshd(tmp_path / "sshd") as (host, options):
+        flags = [a for o in options for a in ("--ssh-option", o)]
+        rc = main(["export", str(run_dir), "--ssh", host, *flags, "--remote-python", sys.executable,
+                   "--remote-dir", str(tmp_path / "remote"), "--out", str(tmp_path / "export")])
+    report = load_report(tmp_path / "export" / "export_report.json")
+    assert rc in (0, 1) and report["members"][0]["measured_latency_ms"] > 0  # 1: +-10 % of a made-up prediction
+    assert (tmp_path / "remote" / runner.MEASUREMENTS_NAME).exists() and report["measured_on"]["fingerprint"]

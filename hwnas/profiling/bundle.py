@@ -16,12 +16,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from hwnas.profiling import runner, timer
+from hwnas.profiling import fingerprint, runner, timer
 from hwnas.profiling.runner import BundleError
 
 log = logging.getLogger(__name__)
 
-RUN_FILE, TIMER_FILE, MODELS_DIR = "run.py", "hwnas_timer.py", "models"
+RUN_FILE, TIMER_FILE, FINGERPRINT_FILE, MODELS_DIR = "run.py", "hwnas_timer.py", "hwnas_fingerprint.py", "models"
 Group = tuple[str, timer.Candidate | None, list[tuple[timer.Candidate, dict[str, Any]]]]  # name, sentinel, (model, extra)
 Progress = Callable[[int, int, str], None]
 
@@ -59,7 +59,8 @@ def write_bundle(out_dir: str | Path, name: str, purpose: str, groups: Sequence[
     manifest = {
         "kind": runner.MANIFEST_KIND, "schema_version": runner.MANIFEST_SCHEMA_VERSION, "name": name,
         "purpose": purpose, "written_by": f"hwnas {hwnas.__version__}", "seed": seed, "timing": timing.to_dict(),
-        "runner": {"run": RUN_FILE, "timer": TIMER_FILE, "timer_sha256": runner.sha256_bytes(timer_src),
+        "runner": {"run": RUN_FILE, "timer": TIMER_FILE, "fingerprint": FINGERPRINT_FILE,
+                   "timer_sha256": runner.sha256_bytes(timer_src),
                    "requires": "Python >= 3.9, numpy, onnxruntime",
                    "usage": f"python3 {RUN_FILE} [--provider P] [--threads N]"},
         **(extra or {}), "groups": manifest_groups,
@@ -71,6 +72,7 @@ def write_bundle(out_dir: str | Path, name: str, purpose: str, groups: Sequence[
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     (out / TIMER_FILE).write_bytes(timer_src)
+    (out / FINGERPRINT_FILE).write_bytes(Path(fingerprint.__file__).read_bytes())
     (out / RUN_FILE).write_bytes(Path(runner.__file__).read_bytes())
     (out / RUN_FILE).chmod(0o755)
     (out / runner.MANIFEST_NAME).write_text(text)  # last: a folder with a manifest is a complete bundle
@@ -146,6 +148,9 @@ def write_profile_bundle(cfg: Any, out_dir: str | Path, progress: Progress | Non
     import torch
 
     cfg = cfg.resolved()
+    if _same_profile_bundle(Path(out_dir), cfg):
+        log.info("%s already holds the bundle of this profile config; reusing it (and its measurements)", out_dir)
+        return Path(out_dir) / runner.MANIFEST_NAME
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)  # the plan builds the fixed parts' modules: same weights, same bundle
         plan = make_plan(cfg)
@@ -170,6 +175,20 @@ def write_profile_bundle(cfg: Any, out_dir: str | Path, progress: Progress | Non
     }
     return write_bundle(out_dir, cfg.device, "profile", [(PROFILE_GROUP, sentinel, models)],
                         timing_config(cfg), seed=cfg.seed, extra=extra)
+
+
+def _same_profile_bundle(out: Path, cfg: Any) -> bool:
+    """Whether `out` holds an intact bundle of the same profile config (a rerun continues with it, no re-export)."""
+    from hwnas.profiling.profiler import timing_config
+
+    try:
+        m = runner.read_manifest(out)
+    except BundleError:
+        return False
+    info = m.get("profile") or {}
+    return (m.get("purpose") == "profile" and info.get("device") == cfg.device
+            and info.get("config") == json.loads(json.dumps(cfg.measurement_key()))
+            and m.get("timing") == timing_config(cfg).to_dict() and m.get("budget_min") == cfg.budget_min)
 
 
 def profile_config_of(manifest: dict[str, Any], threads: int | None = None) -> Any:

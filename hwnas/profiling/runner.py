@@ -27,10 +27,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 if __package__:  # imported as hwnas.profiling.runner
+    from . import fingerprint as _fingerprint
     from . import timer
-else:  # run as DIR/run.py: the timer is the copy next to it
+else:  # run as DIR/run.py: the timer and the fingerprint are the copies next to it
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import hwnas_timer as timer  # type: ignore[no-redef]
+    try:
+        import hwnas_fingerprint as _fingerprint  # type: ignore[no-redef]
+    except ImportError:  # a bundle without it: the basic fingerprint below
+        _fingerprint = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -145,72 +150,58 @@ def load_models(bundle_dir: Path, group: Dict[str, Any]) -> "tuple[Optional[time
     return sentinel, [load(e) for e in group["models"]]
 
 
-# --- the device's fingerprint (self-contained: no hwnas, no torch) ---------------------------------------
+# --- the device's fingerprint ----------------------------------------------------------------------------------
+# hwnas/profiling/fingerprint.py (stdlib + onnxruntime only) is copied into the bundle as hwnas_fingerprint.py, so
+# the device describes itself with the keys hwnas compares; the basic reader here is the fallback.
 
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile",
              "amx_int8", "amx_bf16", "neon", "asimd", "asimddp", "asimdhp", "sve", "sve2", "i8mm", "bf16")
 
 
-def _cpuinfo() -> Dict[str, Any]:
-    """The first processor's fields of /proc/cpuinfo that change latency (empty where there is none)."""
-    path = Path("/proc/cpuinfo")
-    if not path.exists():
-        return {}
+def _basic_fingerprint() -> Dict[str, Any]:
+    """CPU model, vendor/family/model/stepping, ISA, cores, OS and Python from /proc/cpuinfo and platform."""
     first: Dict[str, str] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        if ":" in line:
-            k, v = (s.strip() for s in line.split(":", 1))
-            first.setdefault(k, v)
-    flags = set((first.get("flags") or first.get("Features") or "").split())
-    out: Dict[str, Any] = {
-        "vendor": first.get("vendor_id") or first.get("CPU implementer"),
-        "family": first.get("cpu family") or first.get("CPU architecture"),
-        "model": first.get("model") or first.get("CPU part"),
-        "stepping": first.get("stepping") or first.get("CPU revision"),
-        "mhz": first.get("cpu MHz"),
-        "cache": first.get("cache size"),
-        "isa": sorted(f for f in ISA_FLAGS if f in flags),
-        "hypervisor": "hypervisor" in flags,
-    }
+    path = Path("/proc/cpuinfo")
+    for line in (path.read_text(errors="replace") if path.exists() else "").splitlines():
+        k, sep, v = line.partition(":")
+        if sep:
+            first.setdefault(k.strip().lower(), v.strip())
+    name = next((first[k] for k in ("model name", "model", "hardware") if first.get(k) and not first[k].isdigit()),
+                platform.processor() or platform.machine())
+    out: Dict[str, Any] = {"cpu_model": name, "cpu_vendor": first.get("vendor_id") or first.get("cpu implementer")}
+    for key, field in (("cpu family", "cpu_family"), ("model", "cpu_model_id"), ("stepping", "cpu_stepping")):
+        if first.get(key, "").isdigit():
+            out[field] = int(first[key])
+    flags = first.get("flags") or first.get("features")
+    if flags is not None:
+        out["isa"] = sorted(f for f in ISA_FLAGS if f in set(flags.split()))
+        out["hypervisor"] = "hypervisor" in flags.split()
+    try:
+        out["cores"] = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        out["cores"] = os.cpu_count() or 1
+    out.update(machine=platform.machine(), system=platform.system(), kernel=platform.release(),
+               python=platform.python_version())
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _cpu_model() -> str:
-    path = Path("/proc/cpuinfo")
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith(("model name", "Model", "Hardware")):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def fingerprint(cfg: "timer.TimingConfig") -> Dict[str, Any]:
-    """What identifies this device for latency: CPU, cores, OS, runtime versions, provider and threads."""
+    """What identifies this device for latency: CPU, ISA, cores, OS, runtime versions, provider and threads."""
     import numpy as np
     import onnxruntime as ort
 
-    return {
-        "cpu_model": _cpu_model(),
-        "cores": _cores(),
-        "machine": platform.machine(),
-        "system": platform.system(),
-        "release": platform.release(),
-        "cpu": _cpuinfo(),
-        "python_version": platform.python_version(),
-        "numpy_version": np.__version__,
-        "onnxruntime_version": ort.__version__,
-        "providers": ort.get_available_providers(),
-        "provider": getattr(cfg, "provider", "CPUExecutionProvider"),
-        "threads": cfg.threads,
-        "hostname": platform.node(),
-    }
+    out = _basic_fingerprint()
+    if _fingerprint is not None:
+        try:
+            out.update(_fingerprint.device_fingerprint())
+        except Exception as err:  # noqa: BLE001 - a reader failing on an unusual board must not stop the run
+            log.warning("the full fingerprint could not be read (%s); recording the basic one", err)
+    out.update({
+        "numpy_version": np.__version__, "onnxruntime_version": ort.__version__,
+        "providers": ort.get_available_providers(), "provider": getattr(cfg, "provider", "CPUExecutionProvider"),
+        "provider_options": dict(getattr(cfg, "provider_options", ()) or ()), "threads": cfg.threads,
+    })
+    return out
 
 
 # --- the timing loop shared with the local profiler -------------------------------------------------------
@@ -343,8 +334,7 @@ def run_bundle(
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     cfg = timing_config(manifest, provider, threads)
-    if provider is not None:
-        _check_provider(provider)
+    _check_provider(getattr(cfg, "provider", provider or "CPUExecutionProvider"))
     m_sha = manifest_sha256(bundle_dir)
     budget = budget_min if budget_min is not None else manifest.get("budget_min")
     budget_s = float(budget) * 60 if budget else float("inf")
@@ -435,7 +425,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         out = run_bundle(Path(args.bundle), provider=args.provider, threads=args.threads, budget_min=args.budget_min,
                          progress=_printer(args.progress_json), restart=args.restart, stop_after=args.stop_after)
-    except BundleError as err:
+    except ValueError as err:  # BundleError, or the timer refusing a provider: one line, the partial state kept
         print(f"run.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from hwnas.profiling import runner
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]  # (done, total, stage)
-BUNDLE_FILES = ("models", "manifest.json", "run.py", "hwnas_timer.py")
+BUNDLE_FILES = ("models", "manifest.json", "run.py", "hwnas_timer.py", "hwnas_fingerprint.py")
 PUSHED_MARK = ".pushed"  # on the device: the sha256 of the manifest pushed there
 
 
