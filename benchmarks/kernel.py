@@ -157,7 +157,8 @@ def combine_part(n: int, c: int, hw: int, device: str):
     g = torch.randn(n, c, hw, hw, device=device)
 
     def fast_fwd():
-        out, stats = torch.ops.hwnas.combine(x, w, branches, None, 0b11111110, 1, True, 1e-5)
+        cache = torch.is_grad_enabled()  # as the backend does: keep the pools only when a backward follows
+        out, stats, _ = torch.ops.hwnas.combine(x, w, branches, None, 0b11111110, 1, True, 1e-5, cache)
         with torch.no_grad():  # the running-stat update the backend does per edge
             for bn, k in ((bn_max, 0), (bn_avg, 2)):
                 bn.running_mean.mul_(0.9).add_(stats[k], alpha=0.1)

@@ -354,9 +354,10 @@ std::tuple<at::Tensor, at::Tensor> dwconv_backward_cuda(const at::Tensor& grad_o
   return {gx, gw};
 }
 
-std::tuple<at::Tensor, at::Tensor> combine_cuda(const at::Tensor& x_, const at::Tensor& weights_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_cuda(const at::Tensor& x_, const at::Tensor& weights_,
                                                 at::TensorList branches_, const std::optional<at::Tensor>& running,
-                                                int64_t active, int64_t stride, bool training, double eps) {
+                                                int64_t active, int64_t stride, bool training, double eps,
+                                                bool /*cache: the CUDA backward recomputes the pools*/) {
   const auto slots = contiguous(check_combine(x_, weights_, branches_, active, stride));
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), weights = weights_.contiguous();
@@ -385,12 +386,13 @@ std::tuple<at::Tensor, at::Tensor> combine_cuda(const at::Tensor& x_, const at::
           active, eps);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, stats.to(x.scalar_type())};
+  return {out, stats.to(x.scalar_type()), at::empty({0}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> combine_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& weights_, at::TensorList branches_,
-    const at::Tensor& stats_, int64_t active, int64_t stride, bool training, double eps) {
+    const at::Tensor& stats_, const at::Tensor& /*pool_cache: unused, empty*/, int64_t active, int64_t stride,
+    bool training, double eps) {
   const auto slots = contiguous(check_combine(x_, weights_, branches_, active, stride));
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), weights = weights_.contiguous(), g = grad_out.contiguous();
