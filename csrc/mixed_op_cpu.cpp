@@ -520,7 +520,7 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
     T* gpa = sc.gpa.data();
     for (int64_t ch = begin; ch < end; ++ch) {
       double* gwc = gw_ch.data() + ch * kNumOps;
-      // Pass 1: per-channel sums of grad_out against every branch.
+      // Pass 1: per-channel sums of grad_out against every branch; identity and branch gradients.
       double sg = 0, sgm = 0, sga = 0;
       for (int64_t b = 0; b < sh.n; ++b) {
         const int64_t plane = b * sh.c + ch;
@@ -539,19 +539,32 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
           sgm += a1;
           sga += a2;
         }
+        // the parts of grad_x and of the branch gradients that need no channel sums, while g is hot
+        T* gxs = gxd + plane * hw;
         if (ident) {
           const T* xs = xd + plane * hw;
+          const T w3 = T(wv[kSkip]);
           T a = 0;
 #pragma omp simd reduction(+ : a)
-          for (int64_t i = 0; i < ohw; ++i) a += gs[i] * xs[i];
+          for (int64_t i = 0; i < ohw; ++i) {
+            a += gs[i] * xs[i];
+            gxs[i] = w3 * gs[i];
+          }
           gwc[kSkip] += a;
+        } else {
+          std::fill(gxs, gxs + hw, T(0));
         }
         for (int k = kSkip; k < kNumOps; ++k) {
           if (!bp[k]) continue;
           const T* src = bp[k] + plane * ohw;
+          T* dst = gbp[k] + plane * ohw;
+          const T wk = T(wv[k]);
           T a = 0;
 #pragma omp simd reduction(+ : a)
-          for (int64_t i = 0; i < ohw; ++i) a += gs[i] * src[i];
+          for (int64_t i = 0; i < ohw; ++i) {
+            a += gs[i] * src[i];
+            dst[i] = wk * gs[i];
+          }
           gwc[k] += a;
         }
       }
@@ -580,19 +593,12 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
           *coef[q][2] = T(d);
         }
       }
-      // Pass 2: grad_x (identity + pools) and the branch gradients w_k * g.
-      for (int64_t b = 0; b < sh.n; ++b) {
+      // Pass 2: the pool gradients into grad_x.
+      for (int64_t b = 0; b < sh.n && pools; ++b) {
         const int64_t plane = b * sh.c + ch;
         const T* gs = gd + plane * ohw;
         T* gxs = gxd + plane * hw;
-        if (ident) {
-          const T w3 = T(wv[kSkip]);
-#pragma omp simd
-          for (int64_t i = 0; i < hw; ++i) gxs[i] = w3 * gs[i];
-        } else {
-          std::fill(gxs, gxs + hw, T(0));
-        }
-        if (pools) {
+        {
           const T* pm = slots.at(0, b, ch);
           const T* pa = slots.at(1, b, ch);
           const T* ic = sc.icnt.data();
@@ -602,13 +608,6 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
             gpa[i] = (aav * gs[i] + bav * pa[i] + dav) * ic[i];  // spread over the valid window
           }
           pool_backward_plane(slots.at(2, b, ch), gpm, gpa, gxs, geom, sc);
-        }
-        for (int k = kSkip; k < kNumOps; ++k) {
-          if (!gbp[k]) continue;
-          const T wk = T(wv[k]);
-          T* dst = gbp[k] + plane * ohw;
-#pragma omp simd
-          for (int64_t i = 0; i < ohw; ++i) dst[i] = wk * gs[i];
         }
       }
     }
