@@ -216,8 +216,12 @@ def copy_bandwidth(numel: int, rounds: int = 20) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; run on a GPU machine "
+                         "with a CUDA build of torch and of hwnas._C")
     if device not in available_backends():
-        raise SystemExit(f"backend {device!r} not available here (available: {available_backends()})")
+        raise SystemExit(f"--device {device}: the compiled {device} backend is not built here "
+                         f"(available: {available_backends()}); build hwnas._C with {device.upper()} first")
     if device == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
