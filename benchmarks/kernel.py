@@ -157,7 +157,8 @@ def combine_part(n: int, c: int, hw: int, device: str):
     g = torch.randn(n, c, hw, hw, device=device)
 
     def fast_fwd():
-        out, stats = torch.ops.hwnas.combine(x, w, branches, None, 0b11111110, 1, True, 1e-5)
+        cache = torch.is_grad_enabled()  # as the backend does: keep the pools only when a backward follows
+        out, stats, _ = torch.ops.hwnas.combine(x, w, branches, None, 0b11111110, 1, True, 1e-5, cache)
         with torch.no_grad():  # the running-stat update the backend does per edge
             for bn, k in ((bn_max, 0), (bn_avg, 2)):
                 bn.running_mean.mul_(0.9).add_(stats[k], alpha=0.1)
@@ -215,8 +216,12 @@ def copy_bandwidth(numel: int, rounds: int = 20) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; run on a GPU machine "
+                         "with a CUDA build of torch and of hwnas._C")
     if device not in available_backends():
-        raise SystemExit(f"backend {device!r} not available here (available: {available_backends()})")
+        raise SystemExit(f"--device {device}: the compiled {device} backend is not built here "
+                         f"(available: {available_backends()}); build hwnas._C with {device.upper()} first")
     if device == "cpu":
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -236,7 +236,11 @@ void dwconv_backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::
 
 // ---------------------------------------------------------------------------------------------------
 // Combine: 3x3 pools (padding 1) of one plane, separable: a horizontal pass over rows copied into
-// buffers with a one-element border (-inf for max, 0 for sum), then a vertical pass.
+// buffers with a one-element border (-inf for max, 0 for sum), then a vertical pass over rows with a
+// one-row border. The max pass also records which window position held the maximum (code 3 * di + dj,
+// the first maximum in row-major order, as ATen picks it), so the backward routes the max-pool
+// gradient without searching the window again. With `cache`, the forward writes both pooled planes and
+// the codes into a (3, N, C, Ho, Wo) tensor the backward reads instead of recomputing the pools.
 
 struct PoolGeom {
   int64_t h, w, s, ho, wo;
@@ -254,132 +258,140 @@ struct PoolGeom {
 
 template <typename T>
 struct PoolScratch {
-  std::vector<T> rmax, rsum, hmax, hsum, icnt, xpad, gxpad, gpm, gpa, done;
+  // hmax/hsum/hcode: horizontal results of padded rows 0..h+1 (rows 0 and h+1 are the border)
+  std::vector<T> rmax, rsum, hmax, hsum, hcode, icnt, gxpad, gpm, gpa;
   explicit PoolScratch(const PoolGeom& g) {
     const T ninf = -std::numeric_limits<T>::infinity();
     rmax.assign(g.w + 3, ninf);
     rsum.assign(g.w + 3, T(0));
-    hmax.resize(g.h * g.wo);
-    hsum.resize(g.h * g.wo);
+    hmax.assign((g.h + 2) * g.wo, ninf);
+    hsum.assign((g.h + 2) * g.wo, T(0));
+    hcode.assign((g.h + 2) * g.wo, T(0));
     icnt.assign(g.inv_cnt.begin(), g.inv_cnt.end());
-    xpad.assign((g.h + 3) * (g.w + 2), ninf);
     gxpad.resize((g.h + 3) * (g.w + 2));
     gpm.resize(g.ho * g.wo);
     gpa.resize(g.ho * g.wo);
-    done.resize(g.ho * g.wo);
   }
 };
 
+// Max and average pool of plane x, plus the window code of each maximum.
 template <typename T>
-void pool_plane(const T* x, const PoolGeom& g, PoolScratch<T>& sc, T* maxo, T* avgo) {
+void pool_plane(const T* x, const PoolGeom& g, PoolScratch<T>& sc, T* maxo, T* avgo, T* codeo) {
   const int64_t wo = g.wo, s = g.s;
   for (int64_t i = 0; i < g.h; ++i) {
     std::copy_n(x + i * g.w, g.w, sc.rmax.data() + 1);
     std::copy_n(x + i * g.w, g.w, sc.rsum.data() + 1);
     const T* rm = sc.rmax.data();
     const T* rsu = sc.rsum.data();
-    T* hm = sc.hmax.data() + i * wo;
-    T* hs = sc.hsum.data() + i * wo;
+    T* hm = sc.hmax.data() + (i + 1) * wo;
+    T* hs = sc.hsum.data() + (i + 1) * wo;
+    T* hc = sc.hcode.data() + (i + 1) * wo;
     if (s == 1) {
 #pragma omp simd
       for (int64_t ow = 0; ow < wo; ++ow) {
-        const T a = rm[ow] > rm[ow + 1] ? rm[ow] : rm[ow + 1];
-        hm[ow] = a > rm[ow + 2] ? a : rm[ow + 2];
+        T a = rm[ow], c = T(0);
+        const T b1 = rm[ow + 1], b2 = rm[ow + 2];
+        c = b1 > a ? T(1) : c;
+        a = b1 > a ? b1 : a;
+        c = b2 > a ? T(2) : c;
+        a = b2 > a ? b2 : a;
+        hm[ow] = a;
+        hc[ow] = c;
         hs[ow] = rsu[ow] + rsu[ow + 1] + rsu[ow + 2];
       }
     } else {
       for (int64_t ow = 0; ow < wo; ++ow) {
-        const T a = rm[2 * ow] > rm[2 * ow + 1] ? rm[2 * ow] : rm[2 * ow + 1];
-        hm[ow] = a > rm[2 * ow + 2] ? a : rm[2 * ow + 2];
+        T a = rm[2 * ow], c = T(0);
+        const T b1 = rm[2 * ow + 1], b2 = rm[2 * ow + 2];
+        c = b1 > a ? T(1) : c;
+        a = b1 > a ? b1 : a;
+        c = b2 > a ? T(2) : c;
+        a = b2 > a ? b2 : a;
+        hm[ow] = a;
+        hc[ow] = c;
         hs[ow] = rsu[2 * ow] + rsu[2 * ow + 1] + rsu[2 * ow + 2];
       }
     }
   }
   for (int64_t oh = 0; oh < g.ho; ++oh) {
-    const int64_t i0 = std::max<int64_t>(oh * s - 1, 0), i1 = std::min<int64_t>(oh * s + 1, g.h - 1);
+    const int64_t r = oh * s;  // padded row of the window's first row
+    const T* m0 = sc.hmax.data() + r * wo;
+    const T* m1 = m0 + wo;
+    const T* m2 = m1 + wo;
+    const T* c0 = sc.hcode.data() + r * wo;
+    const T* c1 = c0 + wo;
+    const T* c2 = c1 + wo;
+    const T* s0 = sc.hsum.data() + r * wo;
+    const T* s1 = s0 + wo;
+    const T* s2 = s1 + wo;
+    const T* ic = sc.icnt.data() + oh * wo;
     T* mo = maxo + oh * wo;
     T* ao = avgo + oh * wo;
-    std::copy_n(sc.hmax.data() + i0 * wo, wo, mo);
-    std::copy_n(sc.hsum.data() + i0 * wo, wo, ao);
-    for (int64_t i = i0 + 1; i <= i1; ++i) {
-      const T* hm = sc.hmax.data() + i * wo;
-      const T* hs = sc.hsum.data() + i * wo;
+    T* co = codeo + oh * wo;
 #pragma omp simd
-      for (int64_t ow = 0; ow < wo; ++ow) {
-        mo[ow] = hm[ow] > mo[ow] ? hm[ow] : mo[ow];
-        ao[ow] += hs[ow];
+    for (int64_t ow = 0; ow < wo; ++ow) {
+      T a = m0[ow], c = c0[ow];
+      c = m1[ow] > a ? T(3) + c1[ow] : c;
+      a = m1[ow] > a ? m1[ow] : a;
+      c = m2[ow] > a ? T(6) + c2[ow] : c;
+      a = m2[ow] > a ? m2[ow] : a;
+      mo[ow] = a;
+      co[ow] = c;
+      ao[ow] = (s0[ow] + s1[ow] + s2[ow]) * ic[ow];
+    }
+  }
+}
+
+// Mean and biased variance over n planes of len values each (two passes, double accumulation in
+// several lanes so the sums vectorize instead of forming one long dependency chain).
+template <typename T, typename Plane>
+void moments(Plane plane, int64_t n, int64_t len, double& mean, double& var) {
+  double sum = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    const T* v = plane(b);
+    double a = 0;
+#pragma omp simd reduction(+ : a)
+    for (int64_t i = 0; i < len; ++i) a += double(v[i]);
+    sum += a;
+  }
+  mean = sum / double(n * len);
+  double sq = 0;
+  for (int64_t b = 0; b < n; ++b) {
+    const T* v = plane(b);
+    double a = 0;
+#pragma omp simd reduction(+ : a)
+    for (int64_t i = 0; i < len; ++i) {
+      const double d = double(v[i]) - mean;
+      a += d * d;
+    }
+    sq += a;
+  }
+  var = sq / double(n * len);
+}
+
+// Adds the pool gradients of one plane to gx: gmax goes to the window position its code names, gavg
+// (already divided by the window size) to every window position (padding positions collect junk that is cropped away). Nine passes, one per
+// window position, over contiguous rows (stride 1), so the masked adds vectorize.
+template <typename T>
+void pool_backward_plane(const T* code, const T* gmax, const T* gavg, T* gx, const PoolGeom& g, PoolScratch<T>& sc) {
+  const int64_t wp = g.w + 2, s = g.s, wo = g.wo;
+  std::fill(sc.gxpad.begin(), sc.gxpad.end(), T(0));
+  for (int t = 0; t < 9; ++t) {
+    const int64_t di = t / 3, dj = t % 3;
+    const T tc = T(t);
+    for (int64_t oh = 0; oh < g.ho; ++oh) {
+      T* gr = sc.gxpad.data() + (oh * s + di) * wp + dj;
+      const T* cd = code + oh * wo;
+      const T* gm = gmax + oh * wo;
+      const T* ga = gavg + oh * wo;
+      if (s == 1) {
+#pragma omp simd
+        for (int64_t ow = 0; ow < wo; ++ow) gr[ow] += (cd[ow] == tc ? gm[ow] : T(0)) + ga[ow];
+      } else {
+        for (int64_t ow = 0; ow < wo; ++ow) gr[2 * ow] += (cd[ow] == tc ? gm[ow] : T(0)) + ga[ow];
       }
     }
-    const T* ic = sc.icnt.data() + oh * wo;
-#pragma omp simd
-    for (int64_t ow = 0; ow < wo; ++ow) ao[ow] *= ic[ow];
   }
-}
-
-// Mean and biased variance of a buffer (two passes, double accumulation).
-template <typename T>
-void moments(const T* v, int64_t m, double& mean, double& var) {
-  double sum = 0;
-  for (int64_t i = 0; i < m; ++i) sum += v[i];
-  mean = sum / m;
-  double sq = 0;
-  for (int64_t i = 0; i < m; ++i) {
-    const double dv = v[i] - mean;
-    sq += dv * dv;
-  }
-  var = sq / m;
-}
-
-// Adds the pool gradients of one plane to gx. Max: to the first maximum of each window in row-major
-// order, as ATen does, found by nine masked passes over a -inf-padded copy of x; avg: evenly over the
-// valid window (padding positions collect junk that is cropped away).
-template <typename T>
-void pool_backward_plane(const T* x, const T* pmax, const T* gmax, const T* gavg, T* gx, const PoolGeom& g,
-                         PoolScratch<T>& sc) {
-  const int64_t wp = g.w + 2, s = g.s, wo = g.wo;
-  for (int64_t i = 0; i < g.h; ++i) std::copy_n(x + i * g.w, g.w, sc.xpad.data() + (i + 1) * wp + 1);
-  std::fill(sc.gxpad.begin(), sc.gxpad.end(), T(0));
-  std::fill(sc.done.begin(), sc.done.end(), T(0));
-  T* ga = sc.gpa.data();
-  if (gavg) {
-    const T* ic = sc.icnt.data();
-#pragma omp simd
-    for (int64_t o = 0; o < g.ho * wo; ++o) ga[o] = gavg[o] * ic[o];
-  }
-  for (int64_t di = 0; di < 3; ++di)
-    for (int64_t dj = 0; dj < 3; ++dj)
-      for (int64_t oh = 0; oh < g.ho; ++oh) {
-        const T* xr = sc.xpad.data() + (oh * s + di) * wp + dj;
-        T* gr = sc.gxpad.data() + (oh * s + di) * wp + dj;
-        const T* pm = pmax + oh * wo;
-        T* dn = sc.done.data() + oh * wo;
-        if (gmax) {
-          const T* gm = gmax + oh * wo;
-          if (s == 1) {
-#pragma omp simd
-            for (int64_t ow = 0; ow < wo; ++ow) {
-              const bool hit = dn[ow] == T(0) && xr[ow] == pm[ow];
-              gr[ow] += hit ? gm[ow] : T(0);
-              dn[ow] = hit ? T(1) : dn[ow];
-            }
-          } else {
-            for (int64_t ow = 0; ow < wo; ++ow) {
-              const bool hit = dn[ow] == T(0) && xr[2 * ow] == pm[ow];
-              gr[2 * ow] += hit ? gm[ow] : T(0);
-              dn[ow] = hit ? T(1) : dn[ow];
-            }
-          }
-        }
-        if (gavg) {
-          const T* gar = ga + oh * wo;
-          if (s == 1) {
-#pragma omp simd
-            for (int64_t ow = 0; ow < wo; ++ow) gr[ow] += gar[ow];
-          } else {
-            for (int64_t ow = 0; ow < wo; ++ow) gr[2 * ow] += gar[ow];
-          }
-        }
-      }
   for (int64_t i = 0; i < g.h; ++i) {
     const T* src = sc.gxpad.data() + (i + 1) * wp + 1;
     T* dst = gx + i * g.w;
@@ -388,17 +400,17 @@ void pool_backward_plane(const T* x, const T* pmax, const T* gmax, const T* gavg
   }
 }
 
-// Per-thread buffers of the combine kernels: both pools of one channel over the batch, plus the plane scratch.
-template <typename T>
-struct ThreadPools {
-  std::vector<T> pmax, pavg;
-  PoolScratch<T> sc;
-  ThreadPools(const PoolGeom& g, int64_t m) : pmax(m), pavg(m), sc(g) {}
+struct CombineShape {
+  int64_t n, c, h, w, ho, wo;
 };
 
-struct CombineShape {
-
-  int64_t n, c, h, w, ho, wo;
+// Where the pooled planes (slot 0 max, 1 avg, 2 codes) of plane (b, ch) live: the cache tensor
+// (3, N, C, Ho, Wo) when the forward keeps it, else a per-thread buffer (3, N, Ho, Wo) for one channel.
+template <typename T>
+struct PoolSlots {
+  T* base;
+  int64_t slot_stride, b_stride, ch_stride;
+  T* at(int q, int64_t b, int64_t ch) const { return base + q * slot_stride + b * b_stride + ch * ch_stride; }
 };
 
 template <typename T>
@@ -412,7 +424,7 @@ std::vector<const T*> branch_ptrs(const std::vector<at::Tensor>& branches) {
 template <typename T>
 void combine_forward_kernel(const at::Tensor& x, const std::vector<double>& wv,
                             const std::vector<at::Tensor>& branches, double* stats, int64_t active,
-                            int64_t s, bool training, double eps, at::Tensor& out) {
+                            int64_t s, bool training, double eps, at::Tensor& out, T* cache) {
   const CombineShape sh{x.size(0), x.size(1), x.size(2), x.size(3), out.size(2), out.size(3)};
   const int64_t hw = sh.h * sh.w, ohw = sh.ho * sh.wo, m = sh.n * ohw;
   const bool pools = op_active(active, kMaxPool) || op_active(active, kAvgPool);
@@ -422,20 +434,20 @@ void combine_forward_kernel(const at::Tensor& x, const std::vector<double>& wv,
   T* od = out.mutable_data_ptr<T>();
   const auto bp = branch_ptrs<T>(branches);
   at::parallel_for(0, sh.c, grain(sh.n * hw * 4), [&](int64_t begin, int64_t end) {
-    ThreadPools<T> tp(geom, pools ? m : 0);
-    std::vector<T>& pmax = tp.pmax;
-    std::vector<T>& pavg = tp.pavg;
-    PoolScratch<T>& sc = tp.sc;
+    PoolScratch<T> sc(geom);
+    std::vector<T> own(pools && !cache ? 3 * m : 0);
+    const PoolSlots<T> slots = cache ? PoolSlots<T>{cache, sh.n * sh.c * ohw, sh.c * ohw, ohw}
+                                     : PoolSlots<T>{own.data(), m, ohw, 0};
     for (int64_t ch = begin; ch < end; ++ch) {
       // (scale, shift) turning a pooled value into w_k * BN(pooled)
       T am = 0, bm = 0, aa = 0, ba = 0;
       if (pools) {
         for (int64_t b = 0; b < sh.n; ++b)
-          pool_plane(xd + (b * sh.c + ch) * hw, geom, sc, pmax.data() + b * ohw, pavg.data() + b * ohw);
+          pool_plane(xd + (b * sh.c + ch) * hw, geom, sc, slots.at(0, b, ch), slots.at(1, b, ch), slots.at(2, b, ch));
         double mean[2], var[2];
         if (training) {
-          moments(pmax.data(), m, mean[0], var[0]);
-          moments(pavg.data(), m, mean[1], var[1]);
+          for (int q = 0; q < 2; ++q)
+            moments<T>([&](int64_t b) { return slots.at(q, b, ch); }, sh.n, ohw, mean[q], var[q]);
           stats[0 * sh.c + ch] = mean[0];
           stats[1 * sh.c + ch] = var[0];
           stats[2 * sh.c + ch] = mean[1];
@@ -454,16 +466,17 @@ void combine_forward_kernel(const at::Tensor& x, const std::vector<double>& wv,
         aa = T(wa * ia);
         ba = T(-wa * ia * mean[1]);
       }
+      const T c0 = bm + ba;
       for (int64_t b = 0; b < sh.n; ++b) {
         const int64_t plane = b * sh.c + ch;
         T* o = od + plane * ohw;
-        const T c0 = bm + ba;
-        std::fill(o, o + ohw, c0);
         if (pools) {
-          const T* pm = pmax.data() + b * ohw;
-          const T* pa = pavg.data() + b * ohw;
+          const T* pm = slots.at(0, b, ch);
+          const T* pa = slots.at(1, b, ch);
 #pragma omp simd
-          for (int64_t i = 0; i < ohw; ++i) o[i] += am * pm[i] + aa * pa[i];
+          for (int64_t i = 0; i < ohw; ++i) o[i] = c0 + (am * pm[i] + aa * pa[i]);
+        } else {
+          std::fill(o, o + ohw, T(0));
         }
         if (ident) {
           const T w3 = T(wv[kSkip]);
@@ -485,9 +498,9 @@ void combine_forward_kernel(const at::Tensor& x, const std::vector<double>& wv,
 
 template <typename T>
 void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std::vector<double>& wv,
-                             const std::vector<at::Tensor>& branches, const double* stats, int64_t active,
-                             int64_t s, bool training, double eps, at::Tensor& gx, std::vector<at::Tensor>& gb,
-                             std::vector<double>& gw_ch) {
+                             const std::vector<at::Tensor>& branches, const double* stats, const T* cache,
+                             int64_t active, int64_t s, bool training, double eps, at::Tensor& gx,
+                             std::vector<at::Tensor>& gb, std::vector<double>& gw_ch) {
   const CombineShape sh{x.size(0), x.size(1), x.size(2), x.size(3), g.size(2), g.size(3)};
   const int64_t hw = sh.h * sh.w, ohw = sh.ho * sh.wo, m = sh.n * ohw;
   const bool pools = op_active(active, kMaxPool) || op_active(active, kAvgPool);
@@ -500,24 +513,21 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
   std::vector<T*> gbp(kNumOps, nullptr);
   for (int k = 0; k < kNumOps; ++k)
     if (gb[k].defined()) gbp[k] = gb[k].mutable_data_ptr<T>();
+  const PoolSlots<T> slots{const_cast<T*>(cache), sh.n * sh.c * ohw, sh.c * ohw, ohw};
   at::parallel_for(0, sh.c, grain(sh.n * hw * 4), [&](int64_t begin, int64_t end) {
-    ThreadPools<T> tp(geom, pools ? m : 0);
-    std::vector<T>& pmax = tp.pmax;
-    std::vector<T>& pavg = tp.pavg;
-    PoolScratch<T>& sc = tp.sc;
+    PoolScratch<T> sc(geom);
     T* gpm = sc.gpm.data();
     T* gpa = sc.gpa.data();
     for (int64_t ch = begin; ch < end; ++ch) {
       double* gwc = gw_ch.data() + ch * kNumOps;
-      // Pass 1: per-channel sums of grad_out against every branch.
+      // Pass 1: per-channel sums of grad_out against every branch; identity and branch gradients.
       double sg = 0, sgm = 0, sga = 0;
       for (int64_t b = 0; b < sh.n; ++b) {
         const int64_t plane = b * sh.c + ch;
         const T* gs = gd + plane * ohw;
         if (pools) {
-          T* pm = pmax.data() + b * ohw;
-          T* pa = pavg.data() + b * ohw;
-          pool_plane(xd + plane * hw, geom, sc, pm, pa);
+          const T* pm = slots.at(0, b, ch);
+          const T* pa = slots.at(1, b, ch);
           T a0 = 0, a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2)
           for (int64_t i = 0; i < ohw; ++i) {
@@ -529,23 +539,37 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
           sgm += a1;
           sga += a2;
         }
+        // the parts of grad_x and of the branch gradients that need no channel sums, while g is hot
+        T* gxs = gxd + plane * hw;
         if (ident) {
           const T* xs = xd + plane * hw;
+          const T w3 = T(wv[kSkip]);
           T a = 0;
 #pragma omp simd reduction(+ : a)
-          for (int64_t i = 0; i < ohw; ++i) a += gs[i] * xs[i];
+          for (int64_t i = 0; i < ohw; ++i) {
+            a += gs[i] * xs[i];
+            gxs[i] = w3 * gs[i];
+          }
           gwc[kSkip] += a;
+        } else {
+          std::fill(gxs, gxs + hw, T(0));
         }
         for (int k = kSkip; k < kNumOps; ++k) {
           if (!bp[k]) continue;
           const T* src = bp[k] + plane * ohw;
+          T* dst = gbp[k] + plane * ohw;
+          const T wk = T(wv[k]);
           T a = 0;
 #pragma omp simd reduction(+ : a)
-          for (int64_t i = 0; i < ohw; ++i) a += gs[i] * src[i];
+          for (int64_t i = 0; i < ohw; ++i) {
+            a += gs[i] * src[i];
+            dst[i] = wk * gs[i];
+          }
           gwc[k] += a;
         }
       }
-      // grad wrt pooled value = A * g + B * pooled + D (BatchNorm backward folded into three scalars).
+      // grad wrt pooled value = A * g + B * pooled + D (BatchNorm backward folded into three scalars);
+      // all zero for an inactive pool.
       T amx = 0, bmx = 0, dmx = 0, aav = 0, bav = 0, dav = 0;
       if (pools) {
         const double mean[2] = {stats[0 * sh.c + ch], stats[2 * sh.c + ch]};
@@ -569,36 +593,21 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
           *coef[q][2] = T(d);
         }
       }
-      // Pass 2: grad_x (identity + pools) and the branch gradients w_k * g.
-      for (int64_t b = 0; b < sh.n; ++b) {
+      // Pass 2: the pool gradients into grad_x.
+      for (int64_t b = 0; b < sh.n && pools; ++b) {
         const int64_t plane = b * sh.c + ch;
         const T* gs = gd + plane * ohw;
         T* gxs = gxd + plane * hw;
-        if (ident) {
-          const T w3 = T(wv[kSkip]);
-#pragma omp simd
-          for (int64_t i = 0; i < hw; ++i) gxs[i] = w3 * gs[i];
-        } else {
-          std::fill(gxs, gxs + hw, T(0));
-        }
-        if (pools) {
-          const T* pm = pmax.data() + b * ohw;
-          const T* pa = pavg.data() + b * ohw;
-          const bool am = op_active(active, kMaxPool), aa = op_active(active, kAvgPool);
+        {
+          const T* pm = slots.at(0, b, ch);
+          const T* pa = slots.at(1, b, ch);
+          const T* ic = sc.icnt.data();
 #pragma omp simd
           for (int64_t i = 0; i < ohw; ++i) {
             gpm[i] = amx * gs[i] + bmx * pm[i] + dmx;
-            gpa[i] = aav * gs[i] + bav * pa[i] + dav;
+            gpa[i] = (aav * gs[i] + bav * pa[i] + dav) * ic[i];  // spread over the valid window
           }
-          pool_backward_plane(xd + plane * hw, pm, am ? gpm : (const T*)nullptr, aa ? gpa : (const T*)nullptr, gxs,
-                              geom, sc);
-        }
-        for (int k = kSkip; k < kNumOps; ++k) {
-          if (!gbp[k]) continue;
-          const T wk = T(wv[k]);
-          T* dst = gbp[k] + plane * ohw;
-#pragma omp simd
-          for (int64_t i = 0; i < ohw; ++i) dst[i] = wk * gs[i];
+          pool_backward_plane(slots.at(2, b, ch), gpm, gpa, gxs, geom, sc);
         }
       }
     }
@@ -651,16 +660,26 @@ std::tuple<at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Tensor& grad_ou
   return {gx, gw};
 }
 
-std::tuple<at::Tensor, at::Tensor> combine_cpu(const at::Tensor& x_, const at::Tensor& weights,
-                                               at::TensorList branches_,
-                                               const std::optional<at::Tensor>& running_stats, int64_t active,
-                                               int64_t stride, bool training, double eps) {
+// Shape of the pool cache: (3, N, C, Ho, Wo) = max-pooled, avg-pooled, max window codes; empty when
+// the forward is not asked to keep it or no pool is active.
+std::vector<int64_t> pool_cache_shape(const at::Tensor& x, int64_t active, int64_t stride, bool cache) {
+  const bool pools = op_active(active, kMaxPool) || op_active(active, kAvgPool);
+  if (!cache || !pools) return {0};
+  return {3, x.size(0), x.size(1), out_size(x.size(2), stride), out_size(x.size(3), stride)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_cpu(const at::Tensor& x_, const at::Tensor& weights,
+                                                           at::TensorList branches_,
+                                                           const std::optional<at::Tensor>& running_stats,
+                                                           int64_t active, int64_t stride, bool training, double eps,
+                                                           bool cache) {
   const auto branches = contiguous_branches(check_combine(x_, weights, branches_, active, stride));
   const at::Tensor x = x_.contiguous();
   const auto wv = weight_values(weights);
   const int64_t c = x.size(1);
   at::Tensor out =
       at::empty({x.size(0), c, out_size(x.size(2), stride), out_size(x.size(3), stride)}, x.options());
+  at::Tensor pool_cache = at::empty(pool_cache_shape(x, active, stride, cache), x.options());
   const bool pools = op_active(active, kMaxPool) || op_active(active, kAvgPool);
   at::Tensor stats64;
   if (training || !pools) {
@@ -672,24 +691,29 @@ std::tuple<at::Tensor, at::Tensor> combine_cpu(const at::Tensor& x_, const at::T
     stats64 = running_stats->to(at::kDouble).contiguous().clone();
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hwnas_combine_cpu", [&] {
-    combine_forward_kernel<scalar_t>(x, wv, branches, stats64.mutable_data_ptr<double>(), active, stride, training, eps,
-                                     out);
+    combine_forward_kernel<scalar_t>(x, wv, branches, stats64.mutable_data_ptr<double>(), active, stride, training,
+                                     eps, out, pool_cache.numel() ? pool_cache.mutable_data_ptr<scalar_t>() : nullptr);
   });
-  return {out, stats64.to(x.scalar_type())};
+  return {out, stats64.to(x.scalar_type()), pool_cache};
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> combine_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& weights,
-    at::TensorList branches_, const at::Tensor& stats, int64_t active,
-    int64_t stride, bool training, double eps) {
+    const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& weights, at::TensorList branches_,
+    const at::Tensor& stats, const at::Tensor& pool_cache_, int64_t active, int64_t stride, bool training,
+    double eps) {
   const auto branches = contiguous_branches(check_combine(x_, weights, branches_, active, stride));
-  const at::Tensor x = x_.contiguous(), g = grad_out.contiguous();
+  const at::Tensor x = x_.contiguous(), g = grad_out.contiguous(), pool_cache = pool_cache_.contiguous();
   const int64_t c = x.size(1);
   TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == c && g.size(2) == out_size(x.size(2), stride) &&
                   g.size(3) == out_size(x.size(3), stride),
               "hwnas.combine_backward: grad_out has shape ", g.sizes(), " which does not match x ", x.sizes());
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 4 && stats.size(1) == c,
               "hwnas.combine_backward: stats must be (4, ", c, ")");
+  const auto want = pool_cache_shape(x, active, stride, true);
+  TORCH_CHECK(want.size() == 1 || (pool_cache.sizes() == at::IntArrayRef(want) &&
+                                   pool_cache.scalar_type() == x.scalar_type() && pool_cache.device() == x.device()),
+              "hwnas.combine_backward: pool_cache must be the (3, N, C, Ho, Wo) tensor of a forward run with "
+              "cache=True, got ", pool_cache.sizes());
   const auto wv = weight_values(weights);
   const at::Tensor stats64 = stats.to(at::kDouble).contiguous();
   at::Tensor gx = at::empty_like(x);
@@ -698,8 +722,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> combine_backward_cpu
     if (branches[k].defined()) gb[k] = at::empty_like(g);
   std::vector<double> gw_ch(c * kNumOps, 0.0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hwnas_combine_backward_cpu", [&] {
-    combine_backward_kernel<scalar_t>(g, x, wv, branches, stats64.const_data_ptr<double>(), active, stride, training, eps,
-                                      gx, gb, gw_ch);
+    const scalar_t* cache = want.size() == 1 ? nullptr : pool_cache.const_data_ptr<scalar_t>();
+    combine_backward_kernel<scalar_t>(g, x, wv, branches, stats64.const_data_ptr<double>(), cache, active, stride,
+                                      training, eps, gx, gb, gw_ch);
   });
   at::Tensor gw64 = at::zeros({kNumOps}, x.options().dtype(at::kDouble));
   double* gwp = gw64.mutable_data_ptr<double>();
