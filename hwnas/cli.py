@@ -132,10 +132,10 @@ def _search(args: argparse.Namespace) -> int:
                        workers=args.workers, scheduler=args.scheduler)
     out = _writable_dir(args.out, "--out")
     prepare_out_dir(out, args.resume)  # fail before the slow loading when the folder is unusable or holds a search
+    problem = build_problem(args.supernet, args.profile, cfg)  # supernet and profile files are read (and checked) here
     from hwnas.profiling.sentinel_check import validate_profiles
 
     validate_profiles(args.profile, trust=args.trust_profile)  # this machine's profile: is its sentinel still right?
-    problem = build_problem(args.supernet, args.profile, cfg)
     paths = [str(Path(p).resolve()) for p in args.profile]
     provenance = {"supernet": str(Path(args.supernet).resolve()), "profile": paths[0] if len(paths) == 1 else paths}
     front, baseline = run_search(problem, cfg, out, resume=args.resume, compare_random=args.compare_random,
@@ -673,7 +673,8 @@ def _export(args: argparse.Namespace) -> int:
 
         if not Path(args.dir).is_dir():
             raise ValueError(f"{args.dir}: not a folder; DIR is the --out folder of `hwnas search`")
-        _writable_dir(args.out or Path(args.dir) / "export", "--out")  # before loading profiles and data
+        if not (args.bundle and not args.ssh):  # writing a bundle only writes the bundle
+            _writable_dir(args.out or Path(args.dir) / "export", "--out")  # before loading profiles and data
         return cli_export_dir(args)
     if not args.arch or not args.out:
         raise ValueError("give either DIR, or both --arch ARCH.json and --out FILE.onnx")
