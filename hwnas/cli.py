@@ -407,9 +407,8 @@ def _profile(args: argparse.Namespace) -> int:
     macro = DEFAULT_MACRO
     if args.macro:
         from hwnas.config import MacroConfig
-        from hwnas.profiling.device_profile import read_json
 
-        macro = MacroConfig.from_dict(read_json(args.macro, "macro"))
+        macro = MacroConfig.load(args.macro)  # errors name the file
     cfg = ProfileConfig(device=args.device, threads=args.threads, budget_min=args.budget_min, out=args.out,
                         provider=args.provider, provider_options=_provider_options(args), resume=args.resume, quick=args.quick, macro=macro, seed=args.seed,
                         **{k: v for k, v in (("n_calibration", args.n_calibration), ("n_validation", args.n_validation),
