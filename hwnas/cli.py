@@ -196,8 +196,13 @@ def _provider_options(args: argparse.Namespace) -> dict[str, str]:
 
     if args.provider is not None:
         check_provider(args.provider)
+    return parse_provider_options(args.provider_option)
+
+
+def parse_provider_options(items: Sequence[str] | None) -> dict[str, str]:
+    """--provider-option KEY=VALUE strings as a dict (ValueError naming a malformed one)."""
     opts = {}
-    for item in args.provider_option:
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--provider-option must be KEY=VALUE, got {item!r}")

@@ -63,3 +63,12 @@ def tiny_spec(tmp_path) -> str:
     path = tmp_path / "tiny.npz"
     np.savez(path, x=x, y=y)
     return f"npz:{path}"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: on a shared 2-core machine, two spinning threads make tiny steps many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,12 +22,7 @@ CLEAN = (ValueError, OSError)  # FileNotFoundError and friends are OSError subcl
 BOUNDARY = "needs the cli error boundary (robust-cli)"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from hwnas.train.supernet import CHECKPOINT_FILE
 
 CLASSES = 3  # of the tiny_spec data set (conftest)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine, two spinning threads make these tiny steps many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -61,14 +61,10 @@ def cli_export_dir(args: argparse.Namespace) -> int:
 
 def _check_profiles(profiles: list, args: argparse.Namespace) -> None:
     """--provider/--provider-option must be the profiles'; this machine's profiles must pass the sentinel check."""
+    from hwnas.cli import parse_provider_options
     from hwnas.profiling.sentinel_check import require_settings, validate_here
 
-    options = {}
-    for item in getattr(args, "provider_option", None) or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--provider-option must be KEY=VALUE, got {item!r}")
-        options[key] = value
+    options = parse_provider_options(getattr(args, "provider_option", None))
     require_settings(profiles, getattr(args, "provider", None), options)
     for p in profiles:  # another device's profile passes unchecked: export then reports it did not measure
         validate_here(p, trust=bool(getattr(args, "trust_profile", False)))
