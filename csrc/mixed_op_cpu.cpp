@@ -330,11 +330,13 @@ void pool_plane(const T* x, const PoolGeom& g, PoolScratch<T>& sc, T* maxo, T* a
     T* co = codeo + oh * wo;
 #pragma omp simd
     for (int64_t ow = 0; ow < wo; ++ow) {
+      // Every load unconditional, so the selects if-convert to blends on AVX2 too (not only with AVX-512 masks).
+      const T v1 = m1[ow], v2 = m2[ow], k1 = T(3) + c1[ow], k2 = T(6) + c2[ow];
       T a = m0[ow], c = c0[ow];
-      c = m1[ow] > a ? T(3) + c1[ow] : c;
-      a = m1[ow] > a ? m1[ow] : a;
-      c = m2[ow] > a ? T(6) + c2[ow] : c;
-      a = m2[ow] > a ? m2[ow] : a;
+      c = v1 > a ? k1 : c;
+      a = v1 > a ? v1 : a;
+      c = v2 > a ? k2 : c;
+      a = v2 > a ? v2 : a;
       mo[ow] = a;
       co[ow] = c;
       ao[ow] = (s0[ow] + s1[ow] + s2[ow]) * ic[ow];
@@ -386,7 +388,10 @@ void pool_backward_plane(const T* code, const T* gmax, const T* gavg, T* gx, con
       const T* ga = gavg + oh * wo;
       if (s == 1) {
 #pragma omp simd
-        for (int64_t ow = 0; ow < wo; ++ow) gr[ow] += (cd[ow] == tc ? gm[ow] : T(0)) + ga[ow];
+        for (int64_t ow = 0; ow < wo; ++ow) {
+          const T m = gm[ow];  // loaded unconditionally: a blend, not a branch, on AVX2
+          gr[ow] += (cd[ow] == tc ? m : T(0)) + ga[ow];
+        }
       } else {
         for (int64_t ow = 0; ow < wo; ++ow) gr[2 * ow] += (cd[ow] == tc ? gm[ow] : T(0)) + ga[ow];
       }

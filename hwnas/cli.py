@@ -639,12 +639,17 @@ def _measure(args: argparse.Namespace) -> int:
     _positive(args.threads, "--threads")
     _positive(args.runs, "--runs")
     _positive(args.rounds, "--rounds")
+    if args.resume and not args.partial:
+        raise ValueError("--resume continues a measurement kept with --partial FILE: give both")
     genotypes = _load_archs(args.arch)
     options = _provider_options(args)
+    if args.partial:
+        _writable_file(args.partial, "--partial")
     update, bar = _tqdm_progress("measure")
     try:
         m = measure_genotypes(genotypes, threads=args.threads, rounds=args.rounds, runs=args.runs,
-                              progress=update, detailed=True, provider=args.provider, provider_options=options)
+                              progress=update, detailed=True, provider=args.provider, provider_options=options,
+                              partial=args.partial, resume=args.resume)
     finally:
         bar.close()
     print(json.dumps({"threads": args.threads, "provider": args.provider, "rounds": args.rounds, "runs": args.runs,
@@ -654,7 +659,11 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _measure_interrupted(args: argparse.Namespace) -> str:
-    return "measure writes no files, so nothing on disk changed: rerun the same command to measure again"
+    if not args.partial:
+        return "nothing was saved (give --partial FILE to keep finished timings): rerun the same command"
+    if not Path(args.partial).exists():
+        return "no timing had finished, nothing was saved: rerun the same command"
+    return f"every finished timing is in {args.partial}: rerun the same command with --resume to continue"
 
 
 def _add_measure(sub: argparse._SubParsersAction) -> None:
@@ -663,6 +672,9 @@ def _add_measure(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=4, help="interleaved fresh-session rounds")
     p.add_argument("--runs", type=int, default=100, help="timed runs per session")
+    p.add_argument("--partial", default=None, metavar="FILE",
+                   help="keep every finished timing in FILE (removed when the measurement completes)")
+    p.add_argument("--resume", action="store_true", help="continue the measurement kept in --partial FILE")
     _add_provider_flags(p)
     p.set_defaults(handler=_measure, interrupted=_measure_interrupted)
 

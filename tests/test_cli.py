@@ -234,14 +234,12 @@ def test_ctrl_c_says_what_was_saved(command: str, tmp_path: Path, arch: Path, ti
     argv = {
         "train-supernet": train_args(out, tiny_spec),
         "profile": ["profile", "--out", str(out / "p.json")],
-        "measure": ["measure", str(arch)],
+        "measure": ["measure", str(arch), "--partial", str(out / "m.partial.json")],
         "search": ["search", "--supernet", "sn", "--profile", "p.json", "--out", str(out), "--resume"],
         "export": ["export", str(tmp_path), "--out", str(out)],
     }[command]
     line = one_error_line(capsys, EXIT_INTERRUPTED, main(argv), "interrupted")
-    if command == "measure":
-        assert "nothing on disk changed" in line
-    elif command == "export":
+    if command == "export":
         assert str(out) in line
     else:
         assert "nothing was saved" in line  # interrupted before anything finished
@@ -250,7 +248,7 @@ def test_ctrl_c_says_what_was_saved(command: str, tmp_path: Path, arch: Path, ti
     from hwnas.profiling.profiler import sidecar_path
 
     saved = {"train-supernet": out / "supernet.pt", "profile": sidecar_path(out / "p.json"),
-             "search": out / "checkpoint.json"}.get(command)
+             "search": out / "checkpoint.json", "measure": out / "m.partial.json"}.get(command)
     if saved is not None:
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text("{}")
@@ -263,3 +261,36 @@ def test_exit_codes_are_documented(capsys) -> None:
     out = capsys.readouterr().out
     for code in (cli.EXIT_CHECKS_FAILED, EXIT_BAD_INPUT, EXIT_OS_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED):
         assert f"\n  {code} " in out
+
+
+def test_measure_resumes_from_its_partial_file(tmp_path: Path, arch: Path, capsys, monkeypatch) -> None:
+    from hwnas.profiling import timer
+
+    partial = tmp_path / "m.partial.json"
+    argv = ["measure", str(arch), "--rounds", "3", "--runs", "3", "--partial", str(partial)]
+    real, taken = timer.run_round, []
+
+    def die_in_round_two(cands, r, *args, **kwargs):
+        if r == 2:
+            raise KeyboardInterrupt
+        taken.append(r)
+        return real(cands, r, *args, **kwargs)
+
+    monkeypatch.setattr(timer, "run_round", die_in_round_two)
+    one_error_line(capsys, EXIT_INTERRUPTED, main(argv), str(partial), "--resume")
+    assert partial.is_file() and taken == [0, 1]
+
+    retimed = []
+
+    def counting(cands, r, *args, done=None, **kwargs):
+        retimed.extend(r for c in cands if done is None or not done(c.key, r))
+        return real(cands, r, *args, done=done, **kwargs)
+
+    monkeypatch.setattr(timer, "run_round", counting)
+    assert main([*argv, "--resume"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["latency_ms"][str(arch)] > 0
+    assert retimed == [2]  # only the round that had not finished is timed again
+    assert not partial.exists()
+
+    assert main(["measure", str(arch), "--resume"]) == EXIT_BAD_INPUT
+    one_error_line(capsys, EXIT_BAD_INPUT, EXIT_BAD_INPUT, "--partial")

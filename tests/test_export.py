@@ -261,3 +261,29 @@ def test_a_rerun_keeps_the_members_an_interrupted_export_finished(front: ParetoF
     assert calls == ["resumed", 1]  # member 0 was not exported again
     assert report["summary"]["n_passed"] == 2 and not (tmp_path / exporter.PARTIAL_NAME).exists()
     assert report == export_front(front, tmp_path / "again", measure_fn=fake_measure)
+
+
+def test_an_export_killed_while_measuring_times_only_what_is_left(front: ParetoFront, tmp_path, monkeypatch) -> None:
+    from hwnas.profiling import timer
+
+    real, retimed = timer.run_round, []
+
+    def dies_in_round_two(cands, r, *args, **kwargs):
+        if r == 2:
+            raise KeyboardInterrupt  # the kill, after two rounds of timings were kept
+        return real(cands, r, *args, **kwargs)
+
+    monkeypatch.setattr(timer, "run_round", dies_in_round_two)
+    with pytest.raises(KeyboardInterrupt):
+        export_front(front, tmp_path, threads=1)
+    assert list(tmp_path.glob("measure-*.partial.json"))
+
+    def counting(cands, r, *args, done=None, **kwargs):
+        retimed.extend(r for c in cands if done is None or not done(c.key, r))
+        return real(cands, r, *args, done=done, **kwargs)
+
+    monkeypatch.setattr(timer, "run_round", counting)
+    report = export_front(front, tmp_path, threads=1)
+    assert all(m["measured_latency_ms"] > 0 for m in report["members"]), report["members"]
+    assert retimed and min(retimed) >= 2  # rounds 0 and 1 were not timed again
+    assert not list(tmp_path.glob("measure-*"))

@@ -144,3 +144,20 @@ def test_old_profile_loads_quietly_and_cannot_tell(tmp_path, tiny_macro):
         if key in here:
             assert full.device[key] == here[key], key
     assert full.device["provider"] == "CPUExecutionProvider" and full.device["provider_options"] == {}
+
+
+def test_os_release_without_freedesktop_os_release(monkeypatch):
+    """Python 3.9 (the runner's minimum) has no platform.freedesktop_os_release: read /etc/os-release by hand."""
+    monkeypatch.setattr(fp.platform, "system", lambda: "Linux")
+    monkeypatch.delattr(fp.platform, "freedesktop_os_release", raising=False)
+    files = {"/etc/os-release": 'NAME="Debian"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n'}
+
+    def read_text(self, *args, **kwargs):
+        if str(self) not in files:
+            raise FileNotFoundError(str(self))
+        return files[str(self)]
+
+    monkeypatch.setattr(fp.Path, "read_text", read_text)
+    assert fp.os_release() == "Debian GNU/Linux 12 (bookworm)"
+    files.clear()
+    assert fp.os_release() == "Linux"

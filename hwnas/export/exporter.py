@@ -1,6 +1,7 @@
 """Export every Pareto member to ONNX, verify it (checker, onnxruntime vs PyTorch) and re-measure its latency."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def _default_measure(threads: int, profiles: dict[Any, Any] | None = None, drift_retries: int = DRIFT_RETRIES,
-                     drift_wait_s: float = DRIFT_WAIT_S) -> MeasureFn:
+                     drift_wait_s: float = DRIFT_WAIT_S, partial_dir: Path | None = None) -> MeasureFn:
     """Latency (ms) with the profiling methodology of hwnas.profiling.profiler and the profile's runs and rounds.
 
     Always the interleaved, paired timing, also for profiles written before it existed: under bursts of
@@ -42,7 +43,8 @@ def _default_measure(threads: int, profiles: dict[Any, Any] | None = None, drift
     When the sentinel shows the device more than 10 % off its state at profiling (another job slowing the
     cores for minutes, say), the macro's networks are measured again after `drift_wait_s`, up to
     `drift_retries` times; the attempt whose sentinel is closest to the profile's is kept, and every
-    attempt's sentinel ratio is reported.
+    attempt's sentinel ratio is reported. `partial_dir`: every finished timing is kept there, so that an
+    export killed while measuring times only what is left when it is run again.
     """
     from hwnas.profiling import profiler
 
@@ -69,7 +71,7 @@ def _default_measure(threads: int, profiles: dict[Any, Any] | None = None, drift
                     log.warning("resolution %d: sentinel %.2fx its profiled latency (device busier or slower than at "
                                 "profiling); measuring again in %.0f s", macro.resolution, math.exp(attempts[-1]), drift_wait_s)
                     time.sleep(drift_wait_s)
-                m = profiler.measure_genotypes(group, threads=threads, detailed=True, **kwargs)
+                m = _measure_kept(group, attempt, partial_dir, threads=threads, **kwargs)
                 d = drift(macro, m)
                 if best is None or (d is not None and abs(d) < abs(best[1])):
                     best = (m, d if d is not None else 0.0)
@@ -90,6 +92,23 @@ def _default_measure(threads: int, profiles: dict[Any, Any] | None = None, drift
     # The even- and odd-round halves are two independent measurements: their agreement is the noise now.
     measure.sentinel_ms, measure.halves, measure.attempts = {}, None, {}
     return measure
+
+
+def _measure_kept(group: list[Genotype], attempt: int, partial_dir: Path | None, **kwargs: Any) -> Any:
+    """profiler.measure_genotypes(detailed=True), resumed from the partial timings in `partial_dir` if any."""
+    from hwnas.profiling import profiler
+
+    if partial_dir is None:
+        return profiler.measure_genotypes(group, detailed=True, **kwargs)
+    digest = hashlib.sha1(json.dumps([g.arch_id for g in group]).encode()).hexdigest()[:12]
+    partial = partial_dir / f"measure-{digest}-{attempt}.partial.json"
+    try:
+        return profiler.measure_genotypes(group, detailed=True, partial=partial, resume=True, **kwargs)
+    except ValueError as err:
+        if not partial.exists():
+            raise
+        log.warning("%s; timing these members from the start", err)  # left by a run with other settings
+        return profiler.measure_genotypes(group, detailed=True, partial=partial, resume=False, **kwargs)
 
 
 def _rows_by_macro(genotypes: list[Genotype]) -> dict[Any, list[int]]:
@@ -265,7 +284,7 @@ def export_front(
     measure_error = None
     if measure and rows:
         try:
-            fn = measure_fn or _default_measure(threads, profiles)
+            fn = measure_fn or _default_measure(threads, profiles, partial_dir=out_dir)
             measured = np.asarray(fn([m.genotype for m in front.members]), dtype=float).reshape(-1)
             if measured.shape != (n,):
                 raise ValueError(f"measurement returned {measured.size} values for {n} models")

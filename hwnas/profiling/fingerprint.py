@@ -176,13 +176,31 @@ def hypervisor(info: dict[str, str]) -> tuple[bool | None, str | None]:
 def os_release() -> str:
     """The OS name and version ("Debian GNU/Linux 12 (bookworm)", "macOS 14.5", "Windows 11")."""
     if platform.system() == "Linux":
-        try:
-            return platform.freedesktop_os_release().get("PRETTY_NAME", "Linux")
-        except OSError:
-            return "Linux"
+        return _linux_pretty_name()
     if platform.system() == "Darwin":
         return f"macOS {platform.mac_ver()[0]}"
     return f"{platform.system()} {platform.release()}".strip()
+
+
+def _linux_pretty_name() -> str:
+    """PRETTY_NAME of os-release; read by hand where platform.freedesktop_os_release is missing (Python 3.9)."""
+    try:
+        return platform.freedesktop_os_release().get("PRETTY_NAME", "Linux")
+    except AttributeError:
+        pass
+    except OSError:
+        return "Linux"
+    for path in ("/etc/os-release", "/usr/lib/os-release"):
+        try:
+            lines = Path(path).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, value = line.partition("=")
+            if key.strip() == "PRETTY_NAME":
+                return value.strip().strip("\"'") or "Linux"
+        return "Linux"
+    return "Linux"
 
 
 def device_fingerprint() -> dict[str, Any]:
