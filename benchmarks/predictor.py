@@ -7,6 +7,11 @@ prediction by the sentinel measured now helps, and predictions per second.
 
     python benchmarks/predictor.py [--profile P] [--n 40] [--rounds 3] [--runs 100] [--depth]
 
+`--plain` times the held-out architectures instead as a user would, without hwnas: one fresh Python process
+per architecture and pass, onnxruntime with the profile's settings (threads, graph optimisation level, no
+spinning), `--sessions` fresh sessions of 10 warm-up and `--runs` timed runs each; the figure is the best
+session's median. No sentinel, no drift correction. Two passes give that harness's own noise ceiling.
+
 `--depth` draws the held-out architectures from the elastic-depth space (every depth equally likely) and adds
 the figures per depth: the profile measured full-depth networks only, so this checks what it predicts for
 networks that drop cells.
@@ -52,6 +57,82 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+PLAIN_HARNESS = """
+import sys, time, numpy as np, onnxruntime as ort
+path, threads, level, runs, sessions = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+medians = []
+for _ in range(sessions):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.graph_optimization_level = levels[level] if level in levels else getattr(ort.GraphOptimizationLevel, level)
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    shape = [d if isinstance(d, int) else 1 for d in inp.shape]  # a named (batch) dimension: batch 1
+    x = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+    for _ in range(11):
+        sess.run(None, x)
+    t = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, x)
+        t.append(time.perf_counter() - t0)
+    medians.append(float(np.median(t)) * 1e3)
+print(min(medians))
+"""
+
+
+def plain_timings(genotypes, threads: int, level: str, runs: int, sessions: int, seed: int) -> np.ndarray:
+    """Latency (ms) of each genotype by PLAIN_HARNESS: a fresh process each, in a shuffled order."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from hwnas.profiling.onnx_io import export_onnx
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Constant folding")  # torch's exporter, once per network
+    out = np.empty(len(genotypes))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, g in enumerate(genotypes):
+            m = g.macro
+            paths.append(export_onnx(Network(g).eval(), Path(tmp) / f"{i}.onnx",
+                                     (1, m.in_channels, m.resolution, m.resolution)))
+        for i in np.random.default_rng(seed).permutation(len(genotypes)):
+            proc = subprocess.run([sys.executable, "-c", PLAIN_HARNESS, str(paths[i]), str(threads), level, str(runs),
+                                   str(sessions)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"plain harness failed on architecture {i}:\n{proc.stderr}")
+            out[i] = float(proc.stdout.split()[-1])
+    return out
+
+
+def plain_report(profile, genotypes, threads: int, runs: int, sessions: int, seed: int) -> dict:
+    """The default predictor against two passes of the plain harness, next to that harness's noise ceiling."""
+    level = profile.device.get("graph_optimization_level") or "all"
+    t0 = time.perf_counter()
+    a = plain_timings(genotypes, threads, level, runs, sessions, seed)
+    b = plain_timings(genotypes, threads, level, runs, sessions, seed + 1)
+    pred = ByMacroPredictor.from_profiles([profile]).predict(genotypes)
+    figs = [agreement(pred, m) for m in (a, b)]
+    ratio = np.concatenate([a / pred, b / pred])
+    return {
+        "harness": f"fresh process per architecture, best of {sessions} fresh sessions, median of {runs} runs "
+                   f"after 10 warm-up, {threads} thread(s), optimisation level {level!r}, no spinning",
+        "seconds": round(time.perf_counter() - t0, 1),
+        "noise_ceiling": noise_ceiling(a, b),
+        "default_predictor": {k: (figs[0][k] + figs[1][k]) / 2
+                              for k in ("mape", "within_5pct", "within_10pct", "spearman", "kendall")},
+        "median_ratio_measured_over_predicted": float(np.median(ratio)),
+        "latency_range_ms": [float(min(a.min(), b.min())), float(max(a.max(), b.max()))],
+    }
 
 
 def node_profiling_comparison(profile, runs: int = 30) -> dict:
@@ -118,6 +199,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--node-profiling", action="store_true",
                     help="also compare in-situ block times from ORT per-node profiling with isolated blocks")
+    ap.add_argument("--plain", action="store_true",
+                    help="time with a plain onnxruntime harness in fresh processes instead (see the module doc)")
+    ap.add_argument("--sessions", type=int, default=3, help="--plain: fresh sessions per process (best is kept)")
     ap.add_argument("--depth", action="store_true", help="held-out networks of every elastic depth, figures per depth")
     ap.add_argument("--threads", type=int, default=None,
                     help="override the profile's thread count (to compare noise ceilings; predictions then do not apply)")
@@ -138,6 +222,11 @@ def main() -> None:
             genotypes.append(g)
 
     threads = args.threads or profile.device["threads"]
+    if args.plain:
+        out = {"profile": str(path), "n": args.n, "sentinel_ms_profile": profile.sentinel.get("latency_ms"),
+               **plain_report(profile, genotypes, threads, args.runs, args.sessions, args.seed)}
+        print(json.dumps(out, indent=2))
+        return
     t0 = time.perf_counter()
     cands = [network_candidate(f"{i}:{g.arch_id}", g) for i, g in enumerate(genotypes)]
     keys = [c.key for c in cands]

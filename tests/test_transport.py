@@ -136,3 +136,24 @@ def test_cli_export_measures_members_over_ssh(tmp_path, tiny_macro, rng):
     report = load_report(tmp_path / "export" / "export_report.json")
     assert rc in (0, 1) and report["members"][0]["measured_latency_ms"] > 0  # 1: +-10 % of a made-up prediction
     assert (tmp_path / "remote" / runner.MEASUREMENTS_NAME).exists() and report["measured_on"]["fingerprint"]
+
+
+@pytest.mark.skipif(sshd_missing() is not None, reason=f"no local OpenSSH server: {sshd_missing()}")
+def test_cli_profile_over_ssh(tmp_path, tiny_macro):
+    from hwnas.cli import main
+    from hwnas.profiling.device_profile import DeviceProfile
+
+    macro = tmp_path / "macro.json"
+    macro.write_text(json.dumps(tiny_macro.to_dict()))
+    out = tmp_path / "remote-box.json"
+    with local_sshd(tmp_path / "sshd") as (host, options):
+        flags = [a for o in options for a in ("--ssh-option", o)]
+        rc = main(["profile", "--device", "remote-box", "--macro", str(macro), "--ssh", host, *flags,
+                   "--remote-python", sys.executable, "--remote-dir", str(tmp_path / "remote"),
+                   "--n-calibration", "10", "--n-validation", "5", "--runs", "5", "--rounds", "2",
+                   "--out", str(out)])
+    assert rc == 0
+    profile = DeviceProfile.load(out)
+    assert profile.name == "remote-box" and profile.validation["n"] == 5
+    assert profile.device["cpu_family"] and profile.device["cores"]  # the device's fingerprint, read there
+    assert (tmp_path / "remote" / runner.MEASUREMENTS_NAME).exists()

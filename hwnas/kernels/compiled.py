@@ -98,12 +98,16 @@ def _combine_setup(ctx, inputs, output) -> None:
     x, weights, branches, running_stats, active, stride, training, eps, cache = inputs
     out, stats, pool_cache = output
     ctx.mark_non_differentiable(stats, pool_cache)
+    # Not materialized: autograd would otherwise fill a zero gradient as large as the pool cache every step.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weights, stats, pool_cache, *branches)
     ctx.conf = (active, stride, training, eps)
 
 
 def _combine_backward(ctx, grad_out, grad_stats, grad_cache):
     x, weights, stats, pool_cache, *branches = ctx.saved_tensors
+    if grad_out is None:  # the output took no part in the loss
+        return None, None, [None] * len(branches), None, None, None, None, None, None
     gx, gw, gb = torch.ops.hwnas.combine_backward(grad_out, x, weights, branches, stats, pool_cache, *ctx.conf)
     return gx, gw, list(gb), None, None, None, None, None, None
 
