@@ -4,7 +4,9 @@ command killed with SIGKILL at seeded random points and resumed. Prints a JSON t
     PYTHONPATH=$PWD python3 benchmarks/faults.py [--kills 2] [--seed 0] [--only inputs|kills] [--commands ...]
 
 Targets: 0 tracebacks, 0 lost work (a unit of work -- an epoch, a generation, a timing, an exported member --
-that was on disk when the process was killed and was done again by the resumed run), and a resumed result
+that was on disk when the process was killed and was done again by the resumed run: counted per kind from
+the "resuming ..." lines the next run logs; a run killed again before it reached a stage redid nothing
+there), and a resumed result
 equal to the uninterrupted one: bit-identical for train-supernet (supernet.pt weights), search (front.json)
 and export (ONNX files); timings are not reproducible, so profile and measure are checked for completeness.
 """
@@ -135,10 +137,21 @@ RESUMED = {  # what each resumed run logs about the work it took over
 }
 
 
-def _resumed(stderr: str) -> int:
-    """Units of finished work the run reports it took over from disk."""
-    n = sum(int(m) for key in ("epochs", "generations", "timings") for m in RESUMED[key].findall(stderr))
-    return n + len(RESUMED["members"].findall(stderr))
+def _resumed(stderr: str) -> dict[str, int | None]:
+    """Units of finished work the run reports it took over from disk, per kind (None: no message of that kind)."""
+    out: dict[str, int | None] = {}
+    for key in ("epochs", "generations", "timings"):
+        found = RESUMED[key].findall(stderr)
+        out[key] = sum(map(int, found)) if found else None
+    kept = RESUMED["members"].findall(stderr)
+    out["members"] = len(kept) if kept else None
+    return out
+
+
+def _lost(pending: dict[str, int], reported: dict[str, int | None], finished: bool) -> int:
+    """Units on disk the run did not take over; a killed run that never reached a stage lost nothing there."""
+    return sum(max(0, n - (reported.get(k) or 0)) for k, n in pending.items()
+               if finished or reported.get(k) is not None)
 
 
 def _epochs(folder: Path) -> int:
@@ -186,9 +199,10 @@ def _members(export_dir: Path) -> int:
     return sum((export_dir / e["row"]["onnx"]).is_file() for e in rows)
 
 
-def _export_units(export_dir: Path) -> int:
-    """Members exported plus timings of their measurement kept on disk."""
-    return _members(export_dir) + sum(_timings(p) for p in export_dir.glob("measure-*.partial.json"))
+def _export_units(export_dir: Path) -> dict[str, int]:
+    """Members exported and timings of their measurement kept on disk."""
+    return {"members": _members(export_dir),
+            "timings": sum(_timings(p) for p in export_dir.glob("measure-*.partial.json"))}
 
 
 def _run_to_end(cmd: list[str], timeout: float = 900) -> tuple[int, str, float]:
@@ -197,11 +211,11 @@ def _run_to_end(cmd: list[str], timeout: float = 900) -> tuple[int, str, float]:
     return proc.returncode, proc.stderr, time.perf_counter() - t0
 
 
-def kill_and_resume(name: str, cmd: list[str], on_disk: Callable[[], int], kills: int, reference_s: float,
+def kill_and_resume(name: str, cmd: list[str], on_disk: Callable[[], dict[str, int]], kills: int, reference_s: float,
                     rng: np.random.Generator) -> dict[str, Any]:
     """Start `cmd`, SIGKILL it at a random moment, `kills` times, then let it finish; count work done twice."""
     row: dict[str, Any] = {"kills": 0, "finished_before_kill": 0, "lost_work": 0, "tracebacks": 0, "units_on_disk_at_kills": []}
-    pending = 0  # units on disk at the last kill, to be taken over by the next run
+    pending: dict[str, int] = {}  # units on disk at the last kill, to be taken over by the next run
     for _ in range(kills):
         at = float(rng.uniform(0.15, 0.95)) * reference_s
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
@@ -212,12 +226,12 @@ def kill_and_resume(name: str, cmd: list[str], on_disk: Callable[[], int], kills
             proc.send_signal(signal.SIGKILL)
             row["kills"] += 1
         stderr = proc.communicate()[1]
-        row["lost_work"] += max(0, pending - _resumed(stderr))
+        row["lost_work"] += _lost(pending, _resumed(stderr), finished=proc.returncode == 0)
         row["tracebacks"] += "Traceback" in stderr
         pending = on_disk()
-        row["units_on_disk_at_kills"].append(pending)
+        row["units_on_disk_at_kills"].append(sum(pending.values()))
     rc, stderr, _ = _run_to_end(cmd)
-    row["lost_work"] += max(0, pending - _resumed(stderr))
+    row["lost_work"] += _lost(pending, _resumed(stderr), finished=True)
     row["tracebacks"] += "Traceback" in stderr
     row["final_exit_code"] = rc
     row["survived"] = rc == 0
@@ -264,7 +278,7 @@ def run_kills(world: corrupt.World, tmp: Path, kills: int, seed: int, commands: 
         SearchSpace(corrupt.TINY_MACRO).sample(np.random.default_rng(100 + i)).save(p)
         arch_files.append(str(p))
 
-    def cycle(name: str, make_cmd: Callable[[Path], list[str]], on_disk: Callable[[Path], int],
+    def cycle(name: str, make_cmd: Callable[[Path], list[str]], on_disk: Callable[[Path], dict[str, int]],
               equal: Callable[[Path, Path], bool] | None, what: str) -> None:
         if name not in commands:
             return
@@ -282,23 +296,24 @@ def run_kills(world: corrupt.World, tmp: Path, kills: int, seed: int, commands: 
 
     train = ["--data", f"npz:{data}", "--epochs", "1", "--sample-epochs", "5", "--C", "4", "--layers", "3",
              "--resolution", "8", "--batch-size", "16", "--resume"]
-    cycle("train-supernet", lambda d: hwnas("train-supernet", "--out", str(d), *train), _epochs, _same_weights,
+    cycle("train-supernet", lambda d: hwnas("train-supernet", "--out", str(d), *train),
+          lambda d: {"epochs": _epochs(d)}, _same_weights,
           "supernet.pt weights, epoch and history bit-identical")
     search = ["--supernet", str(world.supernet), "--profile", str(world.profile), "--pop", "6", "--gens", "8", "--resume",
               "--trust-profile"]  # the world's profile has made-up timings: no sentinel to check
-    cycle("search", lambda d: hwnas("search", "--out", str(d), *search), _generations,
+    cycle("search", lambda d: hwnas("search", "--out", str(d), *search), lambda d: {"generations": _generations(d)},
           lambda a, b: _front(a)["members"] == _front(b)["members"] and _front(a)["history"] == _front(b)["history"],
           "front.json members and history identical")
     macro = str(world.macro)
     profile = ["--device", "faults", "--macro", macro, "--n-calibration", "10", "--n-validation", "5", "--runs", "5",
                "--rounds", "2", "--budget-min", "30", "--resume"]
     cycle("profile", lambda d: hwnas("profile", "--out", str(d / "p.json"), *profile),
-          lambda d: _timings(d / "p.json.partial.json"),
+          lambda d: {"timings": _timings(d / "p.json.partial.json")},
           lambda a, b: _profile_complete(b / "p.json") and not (b / "p.json.partial.json").exists(),
           "complete profile (every validation network, all rounds), partial state removed; timings differ by nature")
     measure = ["--rounds", "4", "--runs", "300", "--resume", *arch_files]
     cycle("measure", lambda d: hwnas("measure", "--partial", str(d / "m.partial.json"), *measure),
-          lambda d: _timings(d / "m.partial.json"),
+          lambda d: {"timings": _timings(d / "m.partial.json")},
           lambda a, b: not (b / "m.partial.json").exists(),
           "every architecture measured (exit 0), partial state removed; timings differ by nature")
     # The world's profile has made-up timings: without its sentinel, export does not wait out a "drifted" device.
@@ -313,8 +328,9 @@ def run_kills(world: corrupt.World, tmp: Path, kills: int, seed: int, commands: 
           "report rows (all but timings) and ONNX files bit-identical")
     run_code = _tiny_pipeline_code()
     cycle("run", lambda d: [sys.executable, "-c", run_code, str(d)],
-          lambda d: _epochs(d / "supernet") + _timings(d / "profile-8px.json.partial.json")
-          + _generations(d / "search") + _export_units(d / "export"),
+          lambda d: {"epochs": _epochs(d / "supernet"), "generations": _generations(d / "search"),
+                     "members": _export_units(d / "export")["members"],
+                     "timings": _timings(d / "profile-8px.json.partial.json") + _export_units(d / "export")["timings"]},
           lambda a, b: _same_weights(a / "supernet", b / "supernet") and (b / "export" / "export_report.json").exists(),
           "supernet bit-identical, export report written (profile timings, hence the front, differ by nature)")
     return table
