@@ -91,11 +91,10 @@ def plain_timings(genotypes, threads: int, level: str, runs: int, sessions: int,
     import subprocess
     import sys
     import tempfile
+    import warnings
     from pathlib import Path
 
     from hwnas.profiling.onnx_io import export_onnx
-
-    import warnings
 
     warnings.filterwarnings("ignore", message="Constant folding")  # torch's exporter, once per network
     out = np.empty(len(genotypes))

@@ -184,12 +184,12 @@ def os_release() -> str:
 
 def _linux_pretty_name() -> str:
     """PRETTY_NAME of os-release; read by hand where platform.freedesktop_os_release is missing (Python 3.9)."""
-    try:
-        return platform.freedesktop_os_release().get("PRETTY_NAME", "Linux")
-    except AttributeError:
-        pass
-    except OSError:
-        return "Linux"
+    read = getattr(platform, "freedesktop_os_release", None)
+    if read is not None:
+        try:
+            return read().get("PRETTY_NAME", "Linux")
+        except OSError:
+            return "Linux"
     for path in ("/etc/os-release", "/usr/lib/os-release"):
         try:
             lines = Path(path).read_text(errors="replace").splitlines()
