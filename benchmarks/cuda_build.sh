@@ -69,8 +69,10 @@ fi
 pass "build in $(( $(date +%s) - start )) s with -Werror ($(nproc) cores)"
 SO=$(ls "$BUILD"/_C*.so)
 # (no cuobjdump in a bare nvcc install: check the nvcc command line that built the kernels)
+# captured first: `ninja | grep -q` under pipefail fails at random when grep exits before ninja has written all
+COMMANDS=$("$VENV/bin/ninja" -C "$BUILD" -t commands)
 for arch in ${ARCHS//;/ }; do
-  if "$VENV/bin/ninja" -C "$BUILD" -t commands | grep -q "code=\[compute_$arch,sm_$arch\]"; then
+  if grep -q "code=\[compute_$arch,sm_$arch\]" <<<"$COMMANDS"; then
     pass "mixed_op.cu compiled for sm_$arch"
   else fail "mixed_op.cu not compiled for sm_$arch"; fi
 done

@@ -157,8 +157,7 @@ def combine_part(n: int, c: int, hw: int, device: str):
     g = torch.randn(n, c, hw, hw, device=device)
 
     def fast_fwd():
-        cache = torch.is_grad_enabled()  # as the backend does: keep the pools only when a backward follows
-        out, stats, _ = torch.ops.hwnas.combine(x, w, branches, None, 0b11111110, 1, True, 1e-5, cache)
+        out, stats = torch.ops.hwnas.combine(x, w, branches, None, 0b11111110, 1, True, 1e-5)
         with torch.no_grad():  # the running-stat update the backend does per edge
             for bn, k in ((bn_max, 0), (bn_avg, 2)):
                 bn.running_mean.mul_(0.9).add_(stats[k], alpha=0.1)
@@ -237,7 +236,7 @@ def run(args: argparse.Namespace) -> dict:
             "threads": torch.get_num_threads() if device == "cpu" else None,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         },
-        "config": {"batch": n, "macro": macro.to_dict(), "rounds": args.rounds},
+        "config": {"batch": n, "macro": macro.to_dict(), "rounds": args.rounds, "part_rounds": args.part_rounds},
         "note": "ratios = eager time / compiled time (higher is better), medians of interleaved rounds",
     }
 
@@ -273,14 +272,15 @@ def run_parts(results: dict, n: int, macro: MacroConfig, device: str, args, log)
     """Combine and depthwise parts alone, each against its eager equivalent."""
     log("combine part ...")
     f_fb, e_fb, f_f, e_f = combine_part(n, macro.C, macro.resolution, device)
-    t = interleaved({"fast": f_fb, "eager": e_fb}, args.rounds * 4, device)
-    tf = interleaved({"fast": f_f, "eager": e_f}, args.rounds * 4, device)
+    # the parts take milliseconds: many rounds and a few warm-up calls (allocator, page faults) steady the medians
+    t = interleaved({"fast": f_fb, "eager": e_fb}, args.part_rounds, device, warmup=5)
+    tf = interleaved({"fast": f_f, "eager": e_f}, args.part_rounds, device, warmup=5)
     results["combine_fwd_bwd"] = {"fast_ms": 1e3 * t["fast"], "eager_ms": 1e3 * t["eager"], "ratio": t["eager"] / t["fast"]}
     results["combine_fwd"] = {"fast_ms": 1e3 * tf["fast"], "eager_ms": 1e3 * tf["eager"], "ratio": tf["eager"] / tf["fast"]}
     log(json.dumps(results["combine_fwd_bwd"]))
     log("depthwise part ...")
     f_dw, e_dw = depthwise_part(n, macro.C, macro.resolution, device)
-    t = interleaved({"fast": f_dw, "eager": e_dw}, args.rounds * 2, device)
+    t = interleaved({"fast": f_dw, "eager": e_dw}, max(1, args.part_rounds // 2), device, warmup=3)
     results["depthwise_fwd_bwd"] = {"fast_ms": 1e3 * t["fast"], "eager_ms": 1e3 * t["eager"], "ratio": t["eager"] / t["fast"]}
     log(json.dumps(results["depthwise_fwd_bwd"]))
 
@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds for the training step")
+    parser.add_argument("--part-rounds", type=int, default=100,
+                        help="interleaved rounds for the combine and depthwise parts (milliseconds each)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch", type=int, default=0, help="batch size (default 32 on CPU, 64 on CUDA)")
     parser.add_argument("--compile-timeout", type=int, default=240, help="seconds for torch.compile; 0 skips it")

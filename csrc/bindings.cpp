@@ -89,10 +89,10 @@ TORCH_LIBRARY(hwnas, m) {
       " -> (Tensor, Tensor)");
   m.def(
       "combine(Tensor x, Tensor weights, Tensor[] branches, Tensor? running_stats, int active, int stride,"
-      " bool training, float eps, bool cache) -> (Tensor, Tensor, Tensor)");
+      " bool training, float eps) -> (Tensor, Tensor)");
   m.def(
       "combine_backward(Tensor grad_out, Tensor x, Tensor weights, Tensor[] branches, Tensor stats,"
-      " Tensor pool_cache, int active, int stride, bool training, float eps) -> (Tensor, Tensor, Tensor[])");
+      " int active, int stride, bool training, float eps) -> (Tensor, Tensor, Tensor[])");
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -5,13 +5,12 @@
 // dwconv_backward   (grad_input, grad_weight) of dwconv.
 // combine           the fused MixedOp sum: parameter-free branches computed from x (3x3 max pool + BN,
 //                   3x3 avg pool (count_include_pad=False) + BN, identity at stride 1) plus the weighted
-//                   externally computed branches; returns (out, stats, pool_cache) where stats (4, C) holds
-//                   the batch mean and biased variance of the max- and avg-pool outputs (training) or a copy
-//                   of the running statistics it used (eval). With cache=True a backend may return what its
-//                   backward needs so it does not recompute the pools (CPU: a (3, N, C, Ho, Wo) tensor of
-//                   max-pooled values, avg-pooled values and max-window codes); otherwise an empty tensor.
+//                   externally computed branches; returns (out, stats) where stats (4, C) holds the batch
+//                   mean and biased variance of the max- and avg-pool outputs (training) or a copy of the
+//                   running statistics it used (eval).
 // combine_backward  (grad_x, grad_weights (8,), grad of each present branch in op order), given the forward's
-//                   stats and pool_cache.
+//                   stats; it recomputes the pools from x (cheaper than keeping them: the op is bound by
+//                   memory traffic).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -51,14 +50,11 @@ at::Tensor dwconv_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t str
 std::tuple<at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                        const at::Tensor& weight, int64_t stride,
                                                        int64_t dilation, bool relu_input);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_cpu(const at::Tensor& x, const at::Tensor& weights,
-                                                           at::TensorList branches,
-                                                           const std::optional<at::Tensor>& running_stats,
-                                                           int64_t active, int64_t stride, bool training, double eps,
-                                                           bool cache);
+std::tuple<at::Tensor, at::Tensor> combine_cpu(const at::Tensor& x, const at::Tensor& weights,
+                                               at::TensorList branches, const std::optional<at::Tensor>& running_stats,
+                                               int64_t active, int64_t stride, bool training, double eps);
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> combine_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weights, at::TensorList branches,
-    const at::Tensor& stats, const at::Tensor& pool_cache, int64_t active, int64_t stride, bool training,
-    double eps);
+    const at::Tensor& stats, int64_t active, int64_t stride, bool training, double eps);
 
 }  // namespace hwnas

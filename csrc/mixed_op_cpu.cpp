@@ -239,8 +239,10 @@ void dwconv_backward_kernel(const at::Tensor& g, const at::Tensor& x, const at::
 // buffers with a one-element border (-inf for max, 0 for sum), then a vertical pass over rows with a
 // one-row border. The max pass also records which window position held the maximum (code 3 * di + dj,
 // the first maximum in row-major order, as ATen picks it), so the backward routes the max-pool
-// gradient without searching the window again. With `cache`, the forward writes both pooled planes and
-// the codes into a (3, N, C, Ho, Wo) tensor the backward reads instead of recomputing the pools.
+// gradient without searching the window again. The backward recomputes the pools of a channel into a
+// per-thread buffer rather than reading them from a cache the forward wrote: the pools cost a few
+// vector operations per value, storing and reloading them costs memory traffic, and the kernel is
+// bound by memory traffic (measured: forward -25 %, backward -10 % against a (3, N, C, Ho, Wo) cache).
 
 struct PoolGeom {
   int64_t h, w, s, ho, wo;
@@ -371,11 +373,13 @@ void moments(Plane plane, int64_t n, int64_t len, double& mean, double& var) {
   var = sq / double(n * len);
 }
 
-// Adds the pool gradients of one plane to gx: gmax goes to the window position its code names, gavg
-// (already divided by the window size) to every window position (padding positions collect junk that is cropped away). Nine passes, one per
-// window position, over contiguous rows (stride 1), so the masked adds vectorize.
+// Writes the pool gradients of one plane, plus w_skip * g for the stride-1 identity, to gx: gmax goes to
+// the window position its code names, gavg (already divided by the window size) to every window position
+// (padding positions collect junk that is cropped away). Nine passes, one per window position, over
+// contiguous rows (stride 1), so the masked adds vectorize. Returns sum(g * x) for the identity's weight.
 template <typename T>
-void pool_backward_plane(const T* code, const T* gmax, const T* gavg, T* gx, const PoolGeom& g, PoolScratch<T>& sc) {
+T pool_backward_plane(const T* code, const T* gmax, const T* gavg, T* gx, const PoolGeom& g, PoolScratch<T>& sc,
+                      const T* gid, const T* xid, T wid) {
   const int64_t wp = g.w + 2, s = g.s, wo = g.wo;
   std::fill(sc.gxpad.begin(), sc.gxpad.end(), T(0));
   for (int t = 0; t < 9; ++t) {
@@ -397,25 +401,35 @@ void pool_backward_plane(const T* code, const T* gmax, const T* gavg, T* gx, con
       }
     }
   }
+  T dot = 0;
   for (int64_t i = 0; i < g.h; ++i) {
     const T* src = sc.gxpad.data() + (i + 1) * wp + 1;
     T* dst = gx + i * g.w;
-#pragma omp simd
-    for (int64_t j = 0; j < g.w; ++j) dst[j] += src[j];
+    if (gid) {  // stride 1: the identity's gradient and weight-gradient sum ride along
+      const T* gi = gid + i * g.w;
+      const T* xi = xid + i * g.w;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < g.w; ++j) {
+        dst[j] = src[j] + wid * gi[j];
+        dot += gi[j] * xi[j];
+      }
+    } else {
+      std::copy_n(src, g.w, dst);
+    }
   }
+  return dot;
 }
 
 struct CombineShape {
   int64_t n, c, h, w, ho, wo;
 };
 
-// Where the pooled planes (slot 0 max, 1 avg, 2 codes) of plane (b, ch) live: the cache tensor
-// (3, N, C, Ho, Wo) when the forward keeps it, else a per-thread buffer (3, N, Ho, Wo) for one channel.
+// Plane b of one pooled quantity of the channel at hand, in a per-thread buffer (N, Ho, Wo).
 template <typename T>
-struct PoolSlots {
+struct PlaneRef {
   T* base;
-  int64_t slot_stride, b_stride, ch_stride;
-  T* at(int q, int64_t b, int64_t ch) const { return base + q * slot_stride + b * b_stride + ch * ch_stride; }
+  int64_t b_stride;
+  T* at(int64_t b) const { return base + b * b_stride; }
 };
 
 template <typename T>
@@ -429,7 +443,7 @@ std::vector<const T*> branch_ptrs(const std::vector<at::Tensor>& branches) {
 template <typename T>
 void combine_forward_kernel(const at::Tensor& x, const std::vector<double>& wv,
                             const std::vector<at::Tensor>& branches, double* stats, int64_t active,
-                            int64_t s, bool training, double eps, at::Tensor& out, T* cache) {
+                            int64_t s, bool training, double eps, at::Tensor& out) {
   const CombineShape sh{x.size(0), x.size(1), x.size(2), x.size(3), out.size(2), out.size(3)};
   const int64_t hw = sh.h * sh.w, ohw = sh.ho * sh.wo, m = sh.n * ohw;
   const bool pools = op_active(active, kMaxPool) || op_active(active, kAvgPool);
@@ -440,19 +454,19 @@ void combine_forward_kernel(const at::Tensor& x, const std::vector<double>& wv,
   const auto bp = branch_ptrs<T>(branches);
   at::parallel_for(0, sh.c, grain(sh.n * hw * 4), [&](int64_t begin, int64_t end) {
     PoolScratch<T> sc(geom);
-    std::vector<T> own(pools && !cache ? 3 * m : 0);
-    const PoolSlots<T> slots = cache ? PoolSlots<T>{cache, sh.n * sh.c * ohw, sh.c * ohw, ohw}
-                                     : PoolSlots<T>{own.data(), m, ohw, 0};
+    std::vector<T> own(pools ? 3 * m : 0);
+    const PlaneRef<T> mx{own.data(), ohw}, avg{own.data() + m, ohw}, code{own.data() + 2 * m, ohw};
+    const PlaneRef<T> pooled[2] = {mx, avg};
     for (int64_t ch = begin; ch < end; ++ch) {
       // (scale, shift) turning a pooled value into w_k * BN(pooled)
       T am = 0, bm = 0, aa = 0, ba = 0;
       if (pools) {
         for (int64_t b = 0; b < sh.n; ++b)
-          pool_plane(xd + (b * sh.c + ch) * hw, geom, sc, slots.at(0, b, ch), slots.at(1, b, ch), slots.at(2, b, ch));
+          pool_plane(xd + (b * sh.c + ch) * hw, geom, sc, mx.at(b), avg.at(b), code.at(b));
         double mean[2], var[2];
         if (training) {
           for (int q = 0; q < 2; ++q)
-            moments<T>([&](int64_t b) { return slots.at(q, b, ch); }, sh.n, ohw, mean[q], var[q]);
+            moments<T>([&](int64_t b) { return pooled[q].at(b); }, sh.n, ohw, mean[q], var[q]);
           stats[0 * sh.c + ch] = mean[0];
           stats[1 * sh.c + ch] = var[0];
           stats[2 * sh.c + ch] = mean[1];
@@ -476,8 +490,8 @@ void combine_forward_kernel(const at::Tensor& x, const std::vector<double>& wv,
         const int64_t plane = b * sh.c + ch;
         T* o = od + plane * ohw;
         if (pools) {
-          const T* pm = slots.at(0, b, ch);
-          const T* pa = slots.at(1, b, ch);
+          const T* pm = mx.at(b);
+          const T* pa = avg.at(b);
 #pragma omp simd
           for (int64_t i = 0; i < ohw; ++i) o[i] = c0 + (am * pm[i] + aa * pa[i]);
         } else {
@@ -503,7 +517,7 @@ void combine_forward_kernel(const at::Tensor& x, const std::vector<double>& wv,
 
 template <typename T>
 void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std::vector<double>& wv,
-                             const std::vector<at::Tensor>& branches, const double* stats, const T* cache,
+                             const std::vector<at::Tensor>& branches, const double* stats,
                              int64_t active, int64_t s, bool training, double eps, at::Tensor& gx,
                              std::vector<at::Tensor>& gb, std::vector<double>& gw_ch) {
   const CombineShape sh{x.size(0), x.size(1), x.size(2), x.size(3), g.size(2), g.size(3)};
@@ -518,60 +532,31 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
   std::vector<T*> gbp(kNumOps, nullptr);
   for (int k = 0; k < kNumOps; ++k)
     if (gb[k].defined()) gbp[k] = gb[k].mutable_data_ptr<T>();
-  const PoolSlots<T> slots{const_cast<T*>(cache), sh.n * sh.c * ohw, sh.c * ohw, ohw};
   at::parallel_for(0, sh.c, grain(sh.n * hw * 4), [&](int64_t begin, int64_t end) {
     PoolScratch<T> sc(geom);
+    std::vector<T> own(pools ? 3 * m : 0);  // the channel's pooled planes and codes, recomputed in pass 1
+    const PlaneRef<T> mx{own.data(), ohw}, avg{own.data() + m, ohw}, code{own.data() + 2 * m, ohw};
     T* gpm = sc.gpm.data();
     T* gpa = sc.gpa.data();
     for (int64_t ch = begin; ch < end; ++ch) {
       double* gwc = gw_ch.data() + ch * kNumOps;
-      // Pass 1: per-channel sums of grad_out against every branch; identity and branch gradients.
+      // Pass 1: the pools again, and per-channel sums of grad_out against them (for the BatchNorm backward).
       double sg = 0, sgm = 0, sga = 0;
-      for (int64_t b = 0; b < sh.n; ++b) {
-        const int64_t plane = b * sh.c + ch;
-        const T* gs = gd + plane * ohw;
-        if (pools) {
-          const T* pm = slots.at(0, b, ch);
-          const T* pa = slots.at(1, b, ch);
-          T a0 = 0, a1 = 0, a2 = 0;
+      for (int64_t b = 0; b < sh.n && pools; ++b) {
+        const T* gs = gd + (b * sh.c + ch) * ohw;
+        const T* pm = mx.at(b);
+        const T* pa = avg.at(b);
+        pool_plane(xd + (b * sh.c + ch) * hw, geom, sc, mx.at(b), avg.at(b), code.at(b));
+        T a0 = 0, a1 = 0, a2 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2)
-          for (int64_t i = 0; i < ohw; ++i) {
-            a0 += gs[i];
-            a1 += gs[i] * pm[i];
-            a2 += gs[i] * pa[i];
-          }
-          sg += a0;
-          sgm += a1;
-          sga += a2;
+        for (int64_t i = 0; i < ohw; ++i) {
+          a0 += gs[i];
+          a1 += gs[i] * pm[i];
+          a2 += gs[i] * pa[i];
         }
-        // the parts of grad_x and of the branch gradients that need no channel sums, while g is hot
-        T* gxs = gxd + plane * hw;
-        if (ident) {
-          const T* xs = xd + plane * hw;
-          const T w3 = T(wv[kSkip]);
-          T a = 0;
-#pragma omp simd reduction(+ : a)
-          for (int64_t i = 0; i < ohw; ++i) {
-            a += gs[i] * xs[i];
-            gxs[i] = w3 * gs[i];
-          }
-          gwc[kSkip] += a;
-        } else {
-          std::fill(gxs, gxs + hw, T(0));
-        }
-        for (int k = kSkip; k < kNumOps; ++k) {
-          if (!bp[k]) continue;
-          const T* src = bp[k] + plane * ohw;
-          T* dst = gbp[k] + plane * ohw;
-          const T wk = T(wv[k]);
-          T a = 0;
-#pragma omp simd reduction(+ : a)
-          for (int64_t i = 0; i < ohw; ++i) {
-            a += gs[i] * src[i];
-            dst[i] = wk * gs[i];
-          }
-          gwc[k] += a;
-        }
+        sg += a0;
+        sgm += a1;
+        sga += a2;
       }
       // grad wrt pooled value = A * g + B * pooled + D (BatchNorm backward folded into three scalars);
       // all zero for an inactive pool.
@@ -598,21 +583,52 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
           *coef[q][2] = T(d);
         }
       }
-      // Pass 2: the pool gradients into grad_x.
-      for (int64_t b = 0; b < sh.n && pools; ++b) {
+      // Pass 2: grad_x (pools and identity, each plane written once) while g, the pooled planes and x are
+      // still in the CPU cache from pass 1.
+      const T w3 = ident ? T(wv[kSkip]) : T(0);
+      for (int64_t b = 0; b < sh.n; ++b) {
         const int64_t plane = b * sh.c + ch;
         const T* gs = gd + plane * ohw;
+        const T* xs = xd + plane * hw;
         T* gxs = gxd + plane * hw;
-        {
-          const T* pm = slots.at(0, b, ch);
-          const T* pa = slots.at(1, b, ch);
+        if (pools) {
+          const T* pm = mx.at(b);
+          const T* pa = avg.at(b);
           const T* ic = sc.icnt.data();
 #pragma omp simd
           for (int64_t i = 0; i < ohw; ++i) {
             gpm[i] = amx * gs[i] + bmx * pm[i] + dmx;
             gpa[i] = (aav * gs[i] + bav * pa[i] + dav) * ic[i];  // spread over the valid window
           }
-          pool_backward_plane(slots.at(2, b, ch), gpm, gpa, gxs, geom, sc);
+          gwc[kSkip] += pool_backward_plane(code.at(b), gpm, gpa, gxs, geom, sc, ident ? gs : nullptr, xs, w3);
+        } else if (ident) {
+          T a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t i = 0; i < ohw; ++i) {
+            a += gs[i] * xs[i];
+            gxs[i] = w3 * gs[i];
+          }
+          gwc[kSkip] += a;
+        } else {
+          std::fill(gxs, gxs + hw, T(0));
+        }
+      }
+      // Pass 3: the external branches' gradients (w_k * g) and weight-gradient sums.
+      for (int64_t b = 0; b < sh.n; ++b) {
+        const int64_t plane = b * sh.c + ch;
+        const T* gs = gd + plane * ohw;
+        for (int k = kSkip; k < kNumOps; ++k) {
+          if (!bp[k]) continue;
+          const T* src = bp[k] + plane * ohw;
+          T* dst = gbp[k] + plane * ohw;
+          const T wk = T(wv[k]);
+          T a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t i = 0; i < ohw; ++i) {
+            a += gs[i] * src[i];
+            dst[i] = wk * gs[i];
+          }
+          gwc[k] += a;
         }
       }
     }
@@ -665,26 +681,15 @@ std::tuple<at::Tensor, at::Tensor> dwconv_backward_cpu(const at::Tensor& grad_ou
   return {gx, gw};
 }
 
-// Shape of the pool cache: (3, N, C, Ho, Wo) = max-pooled, avg-pooled, max window codes; empty when
-// the forward is not asked to keep it or no pool is active.
-std::vector<int64_t> pool_cache_shape(const at::Tensor& x, int64_t active, int64_t stride, bool cache) {
-  const bool pools = op_active(active, kMaxPool) || op_active(active, kAvgPool);
-  if (!cache || !pools) return {0};
-  return {3, x.size(0), x.size(1), out_size(x.size(2), stride), out_size(x.size(3), stride)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_cpu(const at::Tensor& x_, const at::Tensor& weights,
-                                                           at::TensorList branches_,
-                                                           const std::optional<at::Tensor>& running_stats,
-                                                           int64_t active, int64_t stride, bool training, double eps,
-                                                           bool cache) {
+std::tuple<at::Tensor, at::Tensor> combine_cpu(const at::Tensor& x_, const at::Tensor& weights,
+                                               at::TensorList branches_, const std::optional<at::Tensor>& running_stats,
+                                               int64_t active, int64_t stride, bool training, double eps) {
   const auto branches = contiguous_branches(check_combine(x_, weights, branches_, active, stride));
   const at::Tensor x = x_.contiguous();
   const auto wv = weight_values(weights);
   const int64_t c = x.size(1);
   at::Tensor out =
       at::empty({x.size(0), c, out_size(x.size(2), stride), out_size(x.size(3), stride)}, x.options());
-  at::Tensor pool_cache = at::empty(pool_cache_shape(x, active, stride, cache), x.options());
   const bool pools = op_active(active, kMaxPool) || op_active(active, kAvgPool);
   at::Tensor stats64;
   if (training || !pools) {
@@ -697,28 +702,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_cpu(const at::Tensor& x_,
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hwnas_combine_cpu", [&] {
     combine_forward_kernel<scalar_t>(x, wv, branches, stats64.mutable_data_ptr<double>(), active, stride, training,
-                                     eps, out, pool_cache.numel() ? pool_cache.mutable_data_ptr<scalar_t>() : nullptr);
+                                     eps, out);
   });
-  return {out, stats64.to(x.scalar_type()), pool_cache};
+  return {out, stats64.to(x.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> combine_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& weights, at::TensorList branches_,
-    const at::Tensor& stats, const at::Tensor& pool_cache_, int64_t active, int64_t stride, bool training,
-    double eps) {
+    const at::Tensor& stats, int64_t active, int64_t stride, bool training, double eps) {
   const auto branches = contiguous_branches(check_combine(x_, weights, branches_, active, stride));
-  const at::Tensor x = x_.contiguous(), g = grad_out.contiguous(), pool_cache = pool_cache_.contiguous();
+  const at::Tensor x = x_.contiguous(), g = grad_out.contiguous();
   const int64_t c = x.size(1);
   TORCH_CHECK(g.dim() == 4 && g.size(0) == x.size(0) && g.size(1) == c && g.size(2) == out_size(x.size(2), stride) &&
                   g.size(3) == out_size(x.size(3), stride),
               "hwnas.combine_backward: grad_out has shape ", g.sizes(), " which does not match x ", x.sizes());
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 4 && stats.size(1) == c,
               "hwnas.combine_backward: stats must be (4, ", c, ")");
-  const auto want = pool_cache_shape(x, active, stride, true);
-  TORCH_CHECK(want.size() == 1 || (pool_cache.sizes() == at::IntArrayRef(want) &&
-                                   pool_cache.scalar_type() == x.scalar_type() && pool_cache.device() == x.device()),
-              "hwnas.combine_backward: pool_cache must be the (3, N, C, Ho, Wo) tensor of a forward run with "
-              "cache=True, got ", pool_cache.sizes());
   const auto wv = weight_values(weights);
   const at::Tensor stats64 = stats.to(at::kDouble).contiguous();
   at::Tensor gx = at::empty_like(x);
@@ -727,8 +726,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> combine_backward_cpu
     if (branches[k].defined()) gb[k] = at::empty_like(g);
   std::vector<double> gw_ch(c * kNumOps, 0.0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hwnas_combine_backward_cpu", [&] {
-    const scalar_t* cache = want.size() == 1 ? nullptr : pool_cache.const_data_ptr<scalar_t>();
-    combine_backward_kernel<scalar_t>(g, x, wv, branches, stats64.const_data_ptr<double>(), cache, active, stride,
+    combine_backward_kernel<scalar_t>(g, x, wv, branches, stats64.const_data_ptr<double>(), active, stride,
                                       training, eps, gx, gb, gw_ch);
   });
   at::Tensor gw64 = at::zeros({kNumOps}, x.options().dtype(at::kDouble));

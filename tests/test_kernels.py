@@ -176,7 +176,7 @@ def _combine_args(stride: int, training: bool, dtype=torch.float64, requires_gra
     branches = [torch.randn(2, c, ho, wo, dtype=dtype, requires_grad=requires_grad) for _ in range(n_branches)]
     weights = torch.randn(8, dtype=dtype, requires_grad=requires_grad)
     running = None if training else torch.rand(4, c, dtype=dtype) + 0.5
-    return (x, weights, branches, running, active, stride, training, 1e-5, True)
+    return (x, weights, branches, running, active, stride, training, 1e-5)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -218,23 +218,22 @@ def test_opcheck(stride):
         args = _combine_args(stride, training, dtype=torch.float32, requires_grad=True)
         opcheck(torch.ops.hwnas.combine.default, args)
         detached = _combine_args(stride, training, dtype=torch.float32)
-        out, stats, cache = torch.ops.hwnas.combine(*detached)
-        bw = (torch.randn_like(out), detached[0], detached[1], detached[2], stats, cache, *detached[4:-1])
+        out, stats = torch.ops.hwnas.combine(*detached)
+        bw = (torch.randn_like(out), detached[0], detached[1], detached[2], stats, *detached[4:])
         opcheck(torch.ops.hwnas.combine_backward.default, bw)
 
 
 def test_combine_rejects_bad_arguments():
-    x, weights, branches, running, active, stride, training, eps, cache = _combine_args(1, True)
+    x, weights, branches, running, active, stride, training, eps = _combine_args(1, True)
     with pytest.raises(RuntimeError, match="needs 4"):
-        torch.ops.hwnas.combine(x, weights, branches[:3] + branches, running, active, stride, training, eps, cache)
+        torch.ops.hwnas.combine(x, weights, branches[:3] + branches, running, active, stride, training, eps)
     with pytest.raises(RuntimeError, match="weights must be"):
-        torch.ops.hwnas.combine(x, weights[:5], branches, running, active, stride, training, eps, cache)
+        torch.ops.hwnas.combine(x, weights[:5], branches, running, active, stride, training, eps)
     with pytest.raises(RuntimeError, match="bit mask over ops 1..7"):
-        torch.ops.hwnas.combine(x, weights, branches, running, active | 1, stride, training, eps, cache)
-    out, stats, _ = torch.ops.hwnas.combine(x, weights, branches, running, active, stride, training, eps, False)
-    with pytest.raises(RuntimeError, match="pool_cache must be"):  # a forward without cache has no backward
-        torch.ops.hwnas.combine_backward(out, x, weights, branches, stats, torch.empty(0, dtype=x.dtype), active,
-                                         stride, training, eps)
+        torch.ops.hwnas.combine(x, weights, branches, running, active | 1, stride, training, eps)
+    out, stats = torch.ops.hwnas.combine(x, weights, branches, running, active, stride, training, eps)
+    with pytest.raises(RuntimeError, match="stats must be"):
+        torch.ops.hwnas.combine_backward(out, x, weights, branches, stats[:, :1], active, stride, training, eps)
     with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
         torch.ops.hwnas.dwconv(x, torch.randn(2, 1, 3, 3, dtype=x.dtype), 3, 1, True)
 

@@ -465,10 +465,9 @@ std::tuple<at::Tensor, at::Tensor> dwconv_backward_cuda(const at::Tensor& grad_o
   return {gx, gw64.view(weight_.sizes()).to(weight_.scalar_type())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_cuda(const at::Tensor& x_, const at::Tensor& weights_,
+std::tuple<at::Tensor, at::Tensor> combine_cuda(const at::Tensor& x_, const at::Tensor& weights_,
                                                 at::TensorList branches_, const std::optional<at::Tensor>& running,
-                                                int64_t active, int64_t stride, bool training, double eps,
-                                                bool /*cache: the CUDA backward recomputes the pools*/) {
+                                                int64_t active, int64_t stride, bool training, double eps) {
   check_cuda_input(x_, "combine");
   const auto slots = contiguous(check_combine(x_, weights_, branches_, active, stride));
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -513,13 +512,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> combine_cuda(const at::Tensor& x_
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {out, stats.to(x.scalar_type()), at::empty({0}, x.options())};
+  return {out, stats.to(x.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> combine_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x_, const at::Tensor& weights_, at::TensorList branches_,
-    const at::Tensor& stats_, const at::Tensor& /*pool_cache: unused, empty*/, int64_t active, int64_t stride,
-    bool training, double eps) {
+    const at::Tensor& stats_, int64_t active, int64_t stride, bool training, double eps) {
   check_cuda_input(x_, "combine_backward");
   const auto slots = contiguous(check_combine(x_, weights_, branches_, active, stride));
   check_like(grad_out, x_, "combine_backward", "grad_out");

@@ -3,9 +3,8 @@
 Per edge: the four conv branches run their depthwise convolutions through `hwnas::dwconv` (ReLU fused
 into the read), their 1x1 convolutions and BatchNorms through ATen (GEMMs); the stride-2 skip
 (FactorizedReduce) through ATen; then `hwnas::combine` computes the pools with their BatchNorms and the
-identity from one read of x and sums everything with the weights, forward and backward. When a backward
-will follow, the forward keeps the pooled planes and max-window codes (the pool cache) so the backward
-does not recompute the pools.
+identity from one read of x and sums everything with the weights, forward and backward. The backward
+recomputes the pools from x: keeping them from the forward costs more memory traffic than recomputing.
 Importing this module raises ImportError when hwnas._C is not built.
 """
 from __future__ import annotations
@@ -74,42 +73,33 @@ def dwconv(x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int, re
 # hwnas::combine — fake kernels and autograd
 
 
-def _pool_cache_shape(x, active: int, stride: int, cache: bool) -> tuple[int, ...]:
-    """Shape of combine's pool cache on CPU: (3, N, C, Ho, Wo), or (0,) when not kept or no pool is active."""
-    if not cache or not active & ((1 << MAX_POOL) | (1 << AVG_POOL)) or x.device.type != "cpu":
-        return (0,)
-    return (3, x.shape[0], x.shape[1], *_out_hw(x.shape[2], x.shape[3], stride))
-
-
 @torch.library.register_fake("hwnas::combine")
-def _combine_fake(x, weights, branches, running_stats, active, stride, training, eps, cache):
+def _combine_fake(x, weights, branches, running_stats, active, stride, training, eps):
     ho, wo = _out_hw(x.shape[2], x.shape[3], stride)
-    out = x.new_empty(x.shape[0], x.shape[1], ho, wo)
-    return out, x.new_empty(4, x.shape[1]), x.new_empty(_pool_cache_shape(x, active, stride, cache))
+    return x.new_empty(x.shape[0], x.shape[1], ho, wo), x.new_empty(4, x.shape[1])
 
 
 @torch.library.register_fake("hwnas::combine_backward")
-def _combine_backward_fake(grad_out, x, weights, branches, stats, pool_cache, active, stride, training, eps):
+def _combine_backward_fake(grad_out, x, weights, branches, stats, active, stride, training, eps):
     grads = [torch.empty_like(grad_out) for _ in branches]
     return torch.empty_like(x), torch.empty_like(weights), grads
 
 
 def _combine_setup(ctx, inputs, output) -> None:
-    x, weights, branches, running_stats, active, stride, training, eps, cache = inputs
-    out, stats, pool_cache = output
-    ctx.mark_non_differentiable(stats, pool_cache)
-    # Not materialized: autograd would otherwise fill a zero gradient as large as the pool cache every step.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weights, stats, pool_cache, *branches)
+    x, weights, branches, running_stats, active, stride, training, eps = inputs
+    out, stats = output
+    ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for an output that took no part in the loss
+    ctx.save_for_backward(x, weights, stats, *branches)
     ctx.conf = (active, stride, training, eps)
 
 
-def _combine_backward(ctx, grad_out, grad_stats, grad_cache):
-    x, weights, stats, pool_cache, *branches = ctx.saved_tensors
+def _combine_backward(ctx, grad_out, grad_stats):
+    x, weights, stats, *branches = ctx.saved_tensors
     if grad_out is None:  # the output took no part in the loss
-        return None, None, [None] * len(branches), None, None, None, None, None, None
-    gx, gw, gb = torch.ops.hwnas.combine_backward(grad_out, x, weights, branches, stats, pool_cache, *ctx.conf)
-    return gx, gw, list(gb), None, None, None, None, None, None
+        return None, None, [None] * len(branches), None, None, None, None, None
+    gx, gw, gb = torch.ops.hwnas.combine_backward(grad_out, x, weights, branches, stats, *ctx.conf)
+    return gx, gw, list(gb), None, None, None, None, None
 
 
 torch.library.register_autograd("hwnas::combine", _combine_backward, setup_context=_combine_setup)
@@ -159,9 +149,7 @@ def mixed_op(x: torch.Tensor, weights: torch.Tensor, ops: nn.ModuleList, stride:
     if not training and (active[MAX_POOL] or active[AVG_POOL]):
         running = torch.stack([bn_max.running_mean, bn_max.running_var, bn_avg.running_mean, bn_avg.running_var])
         running = running.to(x.dtype)
-    # keep the pooled planes for the backward only when there will be one
-    cache = torch.is_grad_enabled() and (x.requires_grad or weights.requires_grad or any(b.requires_grad for b in branches))
-    out, stats, _ = torch.ops.hwnas.combine(x, weights, branches, running, mask, stride, training, bn_max.eps, cache)
+    out, stats = torch.ops.hwnas.combine(x, weights, branches, running, mask, stride, training, bn_max.eps)
     if training:
         ho, wo = out.shape[2], out.shape[3]
         count = x.shape[0] * ho * wo
