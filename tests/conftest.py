@@ -72,3 +72,21 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def count_timed_rounds(monkeypatch):
+    """Call it to make timer.run_round record, from then on, each round it really times (not one kept before)."""
+    real = timer.run_round
+
+    def start() -> list[int]:
+        rounds: list[int] = []
+
+        def counting(cands, r, *args, done=None, **kwargs):
+            rounds.extend(r for c in cands if done is None or not done(c.key, r))
+            return real(cands, r, *args, done=done, **kwargs)
+
+        monkeypatch.setattr(timer, "run_round", counting)
+        return rounds
+
+    return start

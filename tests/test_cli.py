@@ -263,7 +263,8 @@ def test_exit_codes_are_documented(capsys) -> None:
         assert f"\n  {code} " in out
 
 
-def test_measure_resumes_from_its_partial_file(tmp_path: Path, arch: Path, capsys, monkeypatch) -> None:
+def test_measure_resumes_from_its_partial_file(tmp_path: Path, arch: Path, capsys, monkeypatch,
+                                               count_timed_rounds) -> None:
     from hwnas.profiling import timer
 
     partial = tmp_path / "m.partial.json"
@@ -280,13 +281,7 @@ def test_measure_resumes_from_its_partial_file(tmp_path: Path, arch: Path, capsy
     one_error_line(capsys, EXIT_INTERRUPTED, main(argv), str(partial), "--resume")
     assert partial.is_file() and taken == [0, 1]
 
-    retimed = []
-
-    def counting(cands, r, *args, done=None, **kwargs):
-        retimed.extend(r for c in cands if done is None or not done(c.key, r))
-        return real(cands, r, *args, done=done, **kwargs)
-
-    monkeypatch.setattr(timer, "run_round", counting)
+    retimed = count_timed_rounds()
     assert main([*argv, "--resume"]) == EXIT_OK
     assert json.loads(capsys.readouterr().out)["latency_ms"][str(arch)] > 0
     assert retimed == [2]  # only the round that had not finished is timed again

@@ -1,6 +1,7 @@
 """export_front on a tiny config: ONNX written and verified, report rows for every member, failures reported."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from types import SimpleNamespace
@@ -263,10 +264,11 @@ def test_a_rerun_keeps_the_members_an_interrupted_export_finished(front: ParetoF
     assert report == export_front(front, tmp_path / "again", measure_fn=fake_measure)
 
 
-def test_an_export_killed_while_measuring_times_only_what_is_left(front: ParetoFront, tmp_path, monkeypatch) -> None:
+def test_an_export_killed_while_measuring_times_only_what_is_left(front: ParetoFront, tmp_path, monkeypatch,
+                                                                   count_timed_rounds) -> None:
     from hwnas.profiling import timer
 
-    real, retimed = timer.run_round, []
+    real = timer.run_round
 
     def dies_in_round_two(cands, r, *args, **kwargs):
         if r == 2:
@@ -278,12 +280,42 @@ def test_an_export_killed_while_measuring_times_only_what_is_left(front: ParetoF
         export_front(front, tmp_path, threads=1)
     assert list(tmp_path.glob("measure-*.partial.json"))
 
-    def counting(cands, r, *args, done=None, **kwargs):
-        retimed.extend(r for c in cands if done is None or not done(c.key, r))
-        return real(cands, r, *args, done=done, **kwargs)
-
-    monkeypatch.setattr(timer, "run_round", counting)
+    retimed = count_timed_rounds()
     report = export_front(front, tmp_path, threads=1)
     assert all(m["measured_latency_ms"] > 0 for m in report["members"]), report["members"]
     assert retimed and min(retimed) >= 2  # rounds 0 and 1 were not timed again
     assert not list(tmp_path.glob("measure-*"))
+
+
+def test_an_error_while_measuring_is_not_taken_for_a_stale_partial_file(front: ParetoFront, tmp_path, monkeypatch) -> None:
+    from hwnas.profiling import profiler
+
+    calls = []
+
+    def fails(group, **kwargs):
+        calls.append(kwargs["resume"])
+        raise ValueError("the runner broke")
+
+    monkeypatch.setattr(profiler, "measure_genotypes", fails)
+    group = [m.genotype for m in front.members]
+    digest = hashlib.sha1(json.dumps([g.arch_id for g in group]).encode()).hexdigest()[:12]
+    (tmp_path / f"measure-{digest}-0.partial.json").write_text("{}")  # this group's partial state exists
+    with pytest.raises(ValueError, match="the runner broke"):
+        exporter._measure_kept(group, 0, tmp_path)
+    assert calls == [True]  # not retried from scratch: only unusable partial state is
+
+
+def test_a_partial_file_from_other_settings_is_replaced(front: ParetoFront, tmp_path, monkeypatch) -> None:
+    from hwnas.profiling import profiler
+
+    calls = []
+
+    def stale_then_fine(group, **kwargs):
+        calls.append(kwargs["resume"])
+        if kwargs["resume"]:
+            raise profiler.UnusablePartialState("started with different settings")
+        return "measured"
+
+    monkeypatch.setattr(profiler, "measure_genotypes", stale_then_fine)
+    assert exporter._measure_kept([m.genotype for m in front.members], 0, tmp_path) == "measured"
+    assert calls == [True, False]

@@ -104,10 +104,8 @@ def _measure_kept(group: list[Genotype], attempt: int, partial_dir: Path | None,
     partial = partial_dir / f"measure-{digest}-{attempt}.partial.json"
     try:
         return profiler.measure_genotypes(group, detailed=True, partial=partial, resume=True, **kwargs)
-    except ValueError as err:
-        if not partial.exists():
-            raise
-        log.warning("%s; timing these members from the start", err)  # left by a run with other settings
+    except profiler.UnusablePartialState as err:  # left by a run with other settings, or damaged
+        log.warning("%s; timing these members from the start", err)
         return profiler.measure_genotypes(group, detailed=True, partial=partial, resume=False, **kwargs)
 
 

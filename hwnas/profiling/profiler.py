@@ -74,6 +74,10 @@ def journal_path(sidecar: Path) -> Path:
     return sidecar.with_name(sidecar.name + "l")  # <out>.partial.jsonl
 
 
+class UnusablePartialState(ValueError):
+    """A partial-state file that cannot be resumed: other settings, another hwnas version, or damaged."""
+
+
 class _Sidecar:
     """Resumable partial state of a profile, so that no finished timing is ever measured twice.
 
@@ -104,23 +108,23 @@ class _Sidecar:
     def _read_header(self) -> None:
         data = read_json(self.path, "partial profile")
         if not isinstance(data, dict) or data.get("schema_version") != SIDECAR_SCHEMA_VERSION:
-            raise ValueError(f"{self.path}: not a partial profile of this hwnas version; delete it or run without --resume")
+            raise UnusablePartialState(f"{self.path}: not a partial profile of this hwnas version; delete it or run without --resume")
         config = data.get("config")
         if config != self.key:
             config = config if isinstance(config, dict) else {}
             diff = sorted(k for k in self.key if config.get(k) != self.key[k])
-            raise ValueError(f"{self.path}: was started with different settings ({', '.join(diff)}); use the same flags or drop --resume")
+            raise UnusablePartialState(f"{self.path}: was started with different settings ({', '.join(diff)}); use the same flags or drop --resume")
         try:
             self.records = [_record(r) for r in data["records"]]
             self.elapsed_before = float(data.get("elapsed_s", 0.0))
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{self.path}: malformed timing records ({err}); delete it or run without --resume") from None
+            raise UnusablePartialState(f"{self.path}: malformed timing records ({err}); delete it or run without --resume") from None
 
     def _read_journal(self) -> None:
         if not self.journal.exists():
             return
         if not self.path.exists():
-            raise ValueError(f"{self.journal}: timings without their {self.path.name}; delete it or run without --resume")
+            raise UnusablePartialState(f"{self.journal}: timings without their {self.path.name}; delete it or run without --resume")
         lines = read_text(self.journal, "profile journal").splitlines()
         seen = {(k, r) for k, r, _, _ in self.records}
         for i, line in enumerate(lines):
@@ -130,7 +134,7 @@ class _Sidecar:
             except (TypeError, ValueError) as err:
                 if i == len(lines) - 1:  # the write a kill interrupted: that timing was not finished
                     break
-                raise ValueError(f"{self.journal}: line {i + 1}: malformed timing record ({err}); delete it or run "
+                raise UnusablePartialState(f"{self.journal}: line {i + 1}: malformed timing record ({err}); delete it or run "
                                  "without --resume") from None
             if (rec[0], rec[1]) not in seen:
                 seen.add((rec[0], rec[1]))
