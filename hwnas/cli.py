@@ -214,14 +214,27 @@ def _run(args: argparse.Namespace) -> int:
     """The whole pipeline on the embedded default: supernet, profile, search, export, plot."""
     from hwnas.pipeline import run_pipeline
 
+    from hwnas.pipeline import plan_for
+
+    plan = plan_for(args.data, args.quick)  # an unknown --data is an input error before any folder is made
     out = _writable_dir(_run_out(args), "--out")
-    summary = run_pipeline(out, quick=args.quick, progress=_run_progress)
+    summary = run_pipeline(out, quick=args.quick, progress=_run_progress, plan=plan)
     print("\n".join(summary["lines"]))
     return EXIT_OK if summary["ok"] else EXIT_CHECKS_FAILED
 
 
 def _run_out(args: argparse.Namespace) -> Path:
-    return Path(args.out or ("hwnas-run-quick" if args.quick else "hwnas-run"))
+    if args.out:
+        return Path(args.out)
+    name = "hwnas-run" if args.data == "digits" else f"hwnas-run-{_data_name(args.data)}"
+    return Path(name + ("-quick" if args.quick else ""))
+
+
+def _data_name(spec: str) -> str:
+    """A folder-name part for data set `spec`: fashion-mnist, or the last folder of idx:DIR."""
+    kind, _, arg = spec.partition(":")
+    name = Path(arg.rstrip("/")).name if arg else kind
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name) or kind
 
 
 def _run_interrupted(args: argparse.Namespace) -> str:
@@ -257,10 +270,13 @@ def _run_progress(stage: str, plan):  # -> the callback of that stage (see hwnas
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="the whole pipeline on the built-in digits data (resumable)")
+    from hwnas.pipeline import RUN_DATA
+
+    p = sub.add_parser("run", help="the whole pipeline on the built-in digits data or MNIST-format data (resumable)")
     p.add_argument("--quick", action="store_true", help="a few-minute run with small budgets")
-    p.add_argument("--out", default=None, help="output folder (default hwnas-run, or hwnas-run-quick with --quick); "
-                   "rerun the same command to resume")
+    p.add_argument("--data", default="digits", help=f"{RUN_DATA} (default %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default hwnas-run, or hwnas-run-quick with --quick; "
+                   "hwnas-run-<data>[-quick] for other data); rerun the same command to resume")
     p.set_defaults(handler=_run, interrupted=_run_interrupted)
 
 

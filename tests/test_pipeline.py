@@ -39,3 +39,41 @@ def test_hwnas_run_end_to_end_on_a_tiny_plan(tmp_path, tiny_spec, fake_device, m
     assert sum(r["trained_epochs"] == 1 for r in report["members"]) == 1  # one member trained stand-alone
     assert all(r["measured_latency_ms"] is not None for r in report["members"])
     assert f"{report['summary']['n']}/{report['summary']['n']} passed all checks" in printed
+
+
+def test_run_plans_by_data_set() -> None:
+    import pytest
+
+    from hwnas.pipeline import MNIST_PLANS, PLANS, plan_for
+
+    assert plan_for() is PLANS["full"] and plan_for("digits", quick=True) is PLANS["quick"]
+    quick = plan_for("fashion-mnist", quick=True)
+    assert quick == MNIST_PLANS["quick"] and quick.search.max_params_m == 0.1
+    assert plan_for("idx:/data/kmnist", quick=True).supernet.data == "idx:/data/kmnist"
+    for bad in ("cifar10:/x", "idx:", "mnist"):
+        with pytest.raises(ValueError, match="plans for"):
+            plan_for(bad)
+
+
+def test_hwnas_run_rejects_data_it_has_no_plan_for(tmp_path, monkeypatch, capsys) -> None:
+    from hwnas.cli import EXIT_BAD_INPUT, main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--quick", "--data", "cifar10:/nowhere"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "plans for" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # no output folder made
+
+
+def test_hwnas_run_names_its_folder_after_the_data(tmp_path) -> None:
+    import argparse
+
+    from hwnas.cli import _run_out
+
+    def out(**kw):
+        return str(_run_out(argparse.Namespace(**{"out": None, "quick": False, "data": "digits", **kw})))
+
+    assert out() == "hwnas-run" and out(quick=True) == "hwnas-run-quick"
+    assert out(data="fashion-mnist", quick=True) == "hwnas-run-fashion-mnist-quick"
+    assert out(data="idx:/data/kmnist/") == "hwnas-run-kmnist"
+    assert out(data="idx:/data/k mnist", out="x") == "x"
