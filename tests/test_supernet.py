@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from hwnas.config import MacroConfig
 from hwnas.space import GENOTYPE_OPS, Genotype, Network, SearchSpace, Supernet
-from hwnas.space.supernet import EDGES, NUM_OPS
+from hwnas.space.supernet import EDGES, NUM_OPS, MixedOp
 
 
 def test_forward_accepts_any_weight_vectors(tiny_macro):
@@ -13,6 +13,25 @@ def test_forward_accepts_any_weight_vectors(tiny_macro):
     for w in (None, torch.sigmoid(torch.randn(EDGES, NUM_OPS)), torch.zeros(EDGES, NUM_OPS), -torch.rand(EDGES, NUM_OPS)):
         weights = None if w is None else (w, w)
         assert net(x, weights).shape == (2, 10)
+
+
+def test_every_candidate_op_starts_channel_aligned(tiny_macro):
+    """At initialisation each candidate of an edge keeps channel c in channel c, as pools and skip do, so that a
+    single-path step that switches the edge's op does not scramble the features the next layer reads."""
+    net = Supernet(tiny_macro).eval()
+    edges = [m for m in net.modules() if isinstance(m, MixedOp)]
+    assert {e.stride for e in edges} == {1, 2}
+    for edge in edges:
+        c = edge.ops[1][1].num_features
+        # per-channel constant images: every op, whatever its stride or shift, sees the same value per channel
+        x = torch.randn(64, c, 1, 1).expand(64, c, 8, 8) + 0.01 * torch.randn(64, c, 8, 8)
+        ref = x[:, :, 0, 0].T  # (c, N)
+        for k in range(1, NUM_OPS):
+            with torch.no_grad():
+                y = edge.ops[k](x)[:, :, 1, 1].T  # an interior position
+            corr = torch.corrcoef(torch.cat([y, ref]))[:c, c:]  # output channel x input channel
+            assert torch.equal(corr.argmax(1), torch.arange(c)), (edge.stride, k)
+            assert corr.diagonal().min() > 0.5, (edge.stride, k)
 
 
 def test_bad_weight_shape_is_rejected(tiny_macro):
