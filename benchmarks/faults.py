@@ -133,18 +133,16 @@ RESUMED = {  # what each resumed run logs about the work it took over
     "epochs": re.compile(r"resuming \S+ after epoch (\d+)"),
     "generations": re.compile(r"resuming \S+ after generation (\d+)"),
     "timings": re.compile(r"resuming \S+: (\d+) timings already done"),
-    "members": re.compile(r"member \d+ \(\w+\) was exported by an earlier run; kept"),
+    "members": re.compile(r"resuming \S+: (\d+) members already exported"),
 }
 
 
 def _resumed(stderr: str) -> dict[str, int | None]:
     """Units of finished work the run reports it took over from disk, per kind (None: no message of that kind)."""
     out: dict[str, int | None] = {}
-    for key in ("epochs", "generations", "timings"):
-        found = RESUMED[key].findall(stderr)
+    for key, pattern in RESUMED.items():
+        found = pattern.findall(stderr)
         out[key] = sum(map(int, found)) if found else None
-    kept = RESUMED["members"].findall(stderr)
-    out["members"] = len(kept) if kept else None
     return out
 
 

@@ -241,7 +241,8 @@ def test_a_later_macro_without_repeatable_sentinel_keeps_the_earlier_rescaling(t
     assert "latency_ratio_rescaled" not in report["members"][1]
     table = format_table(report)  # was a TypeError: the summary's sentinel list was None
     assert "x 1.250 (8px)" in table
-def test_a_rerun_keeps_the_members_an_interrupted_export_finished(front: ParetoFront, tmp_path, monkeypatch) -> None:
+def test_a_rerun_keeps_the_members_an_interrupted_export_finished(front: ParetoFront, tmp_path, monkeypatch,
+                                                                   caplog) -> None:
     calls, killed = [], []
     real = exporter._export_member
 
@@ -258,8 +259,10 @@ def test_a_rerun_keeps_the_members_an_interrupted_export_finished(front: ParetoF
     assert (tmp_path / exporter.PARTIAL_NAME).exists()
     calls.clear()
     calls.append("resumed")
-    report = export_front(front, tmp_path, measure_fn=fake_measure)
+    with caplog.at_level("INFO", logger="hwnas.export.exporter"):
+        report = export_front(front, tmp_path, measure_fn=fake_measure)
     assert calls == ["resumed", 1]  # member 0 was not exported again
+    assert f"resuming {tmp_path}: 1 members already exported" in caplog.text  # said before any work
     assert report["summary"]["n_passed"] == 2 and not (tmp_path / exporter.PARTIAL_NAME).exists()
     assert report == export_front(front, tmp_path / "again", measure_fn=fake_measure)
 

@@ -263,9 +263,12 @@ def export_front(
                               range(seed, seed + train_seeds), train_fn or _train_network, workers, scheduler,
                               None if progress is None else lambda done, total: progress("train", done, total))
     finished = _read_partial(out_dir)  # members a killed run already exported (and trained)
+    epochs_of = [train_epochs if train_ids is None or m.arch_id in train_ids else 0 for m in front.members]
+    keys = [_member_key(rank, m, epochs_of[rank], train_seeds, seed, tolerance) for rank, m in enumerate(front.members)]
+    if any(k in finished for k in keys):  # one line before any work, so that even a run killed again reports it
+        log.info("resuming %s: %d members already exported", out_dir, sum(k in finished for k in keys))
     for rank, member in enumerate(front.members):
-        epochs = train_epochs if train_ids is None or member.arch_id in train_ids else 0
-        key = _member_key(rank, member, epochs, train_seeds, seed, tolerance)
+        epochs, key = epochs_of[rank], keys[rank]
         row = finished.get(key)
         if row is None:
             row = _export_member(rank, member, out_dir, epochs, data, seed, tolerance, train_fn, train_seeds)
