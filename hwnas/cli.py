@@ -263,10 +263,17 @@ def _run_progress(stage: str, plan):  # -> the callback of that stage (see hwnas
         return _search_progress(plan.search.gens, "search")
     if stage == "profile":
         return _tqdm_progress("profile")[0]
-    to = _bar_to(stage)
     if stage == "supernet":
+        to = _bar_to(stage)
         return lambda done, total, metrics: to(done, total)
-    return lambda what, done, total: to(done, total)  # export
+    bars: dict[str, Callable[[int, int], None]] = {}  # export: one bar for training runs, one for members
+
+    def on(what: str, done: int, total: int) -> None:
+        if what not in bars:
+            bars[what] = _bar_to("train (runs)" if what == "train" else what)
+        bars[what](done, total)
+
+    return on
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

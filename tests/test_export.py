@@ -129,9 +129,11 @@ def test_several_training_seeds_report_the_mean_and_export_the_first_run(front: 
     x = torch.rand(4, tiny_macro.in_channels, tiny_macro.resolution, tiny_macro.resolution)
     data = SimpleNamespace(test=TensorDataset(x, torch.zeros(4, dtype=torch.long)))
     trained = front.members[0].arch_id
+    events = []
     report = export_front(front, tmp_path, train_epochs=2, data=data, train_fn=train, measure_fn=fake_measure,
-                          seed=3, train_seeds=3, train_ids={trained})
+                          seed=3, train_seeds=3, train_ids={trained}, progress=lambda *e: events.append(e))
     assert calls == [(trained, 3), (trained, 4), (trained, 5)]
+    assert [e for e in events if e[0] == "train"] == [("train", 1, 3), ("train", 2, 3), ("train", 3, 3)]
     row, untrained = report["members"]
     assert row["test_accuracy_seeds"] == [0.8, 0.9, 1.0] and row["test_accuracy"] == pytest.approx(0.9)
     assert untrained["test_accuracy"] is None and "test_accuracy_seeds" not in untrained

@@ -142,8 +142,11 @@ def _verify_input(member: FrontMember, data: Any, seed: int) -> torch.Tensor:
 
 
 def _export_member(rank: int, member: FrontMember, out_dir: Path, train_epochs: int, data: Any, seed: int,
-                   tolerance: float, train_fn: Callable | None, train_seeds: int = 1) -> dict[str, Any]:
-    """Build (and optionally train), export, check one member; every failure is recorded, never raised."""
+                   tolerance: float, train_fn: Callable | None, train_seeds: int = 1,
+                   on_run: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Build (and optionally train), export, check one member; every failure is recorded, never raised.
+
+    `on_run` is called after each stand-alone training run (one per seed)."""
     from hwnas.profiling.onnx_io import export_onnx, verify_onnx
 
     g = member.genotype
@@ -160,7 +163,7 @@ def _export_member(rank: int, member: FrontMember, out_dir: Path, train_epochs: 
             if data is None:
                 raise ValueError("stand-alone training needs the dataset")
             net, accs = _train_seeds(train_fn or _train_network, g, splits_at(data, g.macro.resolution),
-                                     train_epochs, seed, train_seeds)
+                                     train_epochs, seed, train_seeds, on_run)
             row["trained_epochs"], row["test_accuracy"] = train_epochs, float(np.mean(accs))
             row["test_accuracy_seeds"] = accs
         else:
@@ -182,7 +185,7 @@ def _export_member(rank: int, member: FrontMember, out_dir: Path, train_epochs: 
 
 
 def _train_seeds(train: Callable, genotype: Genotype, data: Any, epochs: int, seed: int,
-                 n_seeds: int) -> tuple[torch.nn.Module, list[float]]:
+                 n_seeds: int, on_run: Callable[[], None] | None = None) -> tuple[torch.nn.Module, list[float]]:
     """Train with seeds seed .. seed+n_seeds-1; the first run's network (the one exported) and every test accuracy.
 
     On a small test set one run's accuracy moves by a few test images between seeds, enough to reorder
@@ -190,9 +193,26 @@ def _train_seeds(train: Callable, genotype: Genotype, data: Any, epochs: int, se
     """
     net, acc = train(genotype, data, epochs, seed)
     accs = [float(acc)]
-    for extra in range(1, n_seeds):
-        accs.append(float(train(genotype, data, epochs, seed + extra)[1]))
+    for extra in range(n_seeds):
+        if extra:
+            accs.append(float(train(genotype, data, epochs, seed + extra)[1]))
+        if on_run is not None:
+            on_run()
     return net, accs
+
+
+def _run_counter(progress: Callable, total: int) -> Callable[[], None] | None:
+    """A callback reporting progress("train", runs done, total) after each stand-alone training run."""
+    if total == 0:
+        return None
+    done = 0
+
+    def on_run() -> None:
+        nonlocal done
+        done += 1
+        progress("train", done, total)
+
+    return on_run
 
 
 def _train_network(genotype: Genotype, data: Any, epochs: int, seed: int) -> tuple[torch.nn.Module, float]:
@@ -257,7 +277,8 @@ def export_front(
 
     rows = []
     n = len(front.members)
-    if train_epochs > 0 and data is not None and wants_dask(workers, scheduler):
+    parallel = train_epochs > 0 and data is not None and wants_dask(workers, scheduler)
+    if parallel:
         to_train = [m.genotype for m in front.members if train_ids is None or m.arch_id in train_ids]
         train_fn = pretrained(to_train, lambda g: splits_at(data, g.macro.resolution), train_epochs,
                               range(seed, seed + train_seeds), train_fn or _train_network, workers, scheduler,
@@ -267,11 +288,13 @@ def export_front(
     keys = [_member_key(rank, m, epochs_of[rank], train_seeds, seed, tolerance) for rank, m in enumerate(front.members)]
     if any(k in finished for k in keys):  # one line before any work, so that even a run killed again reports it
         log.info("resuming %s: %d members already exported", out_dir, sum(k in finished for k in keys))
+    on_run = None if parallel or progress is None else _run_counter(
+        progress, sum(train_seeds for k, e in zip(keys, epochs_of) if e > 0 and k not in finished))
     for rank, member in enumerate(front.members):
         epochs, key = epochs_of[rank], keys[rank]
         row = finished.get(key)
         if row is None:
-            row = _export_member(rank, member, out_dir, epochs, data, seed, tolerance, train_fn, train_seeds)
+            row = _export_member(rank, member, out_dir, epochs, data, seed, tolerance, train_fn, train_seeds, on_run)
             if not row["errors"]:
                 finished[key] = json.loads(json.dumps(row))
                 atomic_write_json(out_dir / PARTIAL_NAME, {"schema_version": REPORT_VERSION,
