@@ -1,11 +1,28 @@
 """Training-time forwards for the discrete Network on the compiled kernels (same parameters, same results).
 
-Eager PyTorch spends most of a CPU training step in the depthwise convolutions' backward. Inside
-`compiled_training(net)` every SepConv / DilConv of `net` runs its depthwise convolutions (ReLU fused)
-on `hwnas::dwconv`, and the 1x1 convolutions of those ops and of the cell preprocessing run as batched
-matrix products. The modules, their parameters and state_dict stay untouched: only the instances'
-`forward` is swapped for the duration, so what is exported afterwards is the plain nn graph.
-Without the compiled extension the context changes nothing (eager PyTorch, same results).
+Eager PyTorch spends most of a CPU training step in the depthwise convolutions' backward. Modes:
+
+* "fused" (default): the whole network on channels-last tensors (oneDNN's native layout for the 1x1 and
+  stem convolutions and the pools) and the rest on hwnas._C's channels-last kernels
+  (hwnas.kernels.nhwc): depthwise convolutions with the ReLU before them fused (hwnas::dwconv_nhwc, 2-3x
+  oneDNN's fwd+bwd, far more on stride 2 and 5x5), BatchNorms (hwnas::bn_nhwc, two passes each way),
+  each cell's output concatenated and rectified in one pass (hwnas::cat_relu_nhwc: every cell output but
+  the last is read only by ReLU-first preprocessing, and ReLU is idempotent), one ReLU per tensor where
+  several preprocessings read it (the stem output), and FactorizedReduce without its padded copy at even
+  sizes. Falls back to "channels_last" when hwnas._C lacks these kernels.
+* "channels_last": plain ATen ops on NHWC tensors.
+* "compiled": SepConv/DilConv depthwise convs on hwnas::dwconv (NCHW), 1x1 convs as bmm.
+* "eager": nothing changes.
+
+Measured side by side (PYTHONPATH=. python3 benchmarks/train_speed.py --rounds 9 [--threads 1]: C=16,
+5 cells, 28x28, batch 128, forward + backward + SGD step, interleaved rounds; AMD EPYC, 2 cores shared
+with other jobs): `--threads 1` medians fused 0.54 s = 2.54x eager (channels_last 1.60x, compiled 1.13x;
+benchmarks/results/train_speed_cpu_1thread.json). At 2 threads the other jobs' load dominates (steps
+stretch 5-30x); the quiet rounds of an earlier 2-thread run: eager 0.82-1.0 s, channels_last 0.52-0.56 s,
+fused 0.32-0.33 s (about 3x); the recorded loaded run's fastest steps give fused 3.1x, channels_last 1.9x.
+The modules, their parameters and state_dict stay untouched: only the instances' `forward` is swapped
+for the duration (and the parameters are channels-last inside the block), so what is exported afterwards
+is the plain nn graph. Without the compiled extension "compiled" is eager and "fused" is channels_last.
 """
 from __future__ import annotations
 
@@ -18,10 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwnas.space.ops import DilConv, ReLUConvBN, SepConv
+from hwnas.space.genotype import STEPS
+from hwnas.space.network import Cell, Network
+from hwnas.space.ops import DilConv, FactorizedReduce, ReLUConvBN, SepConv
 
 log = logging.getLogger(__name__)
-DEFAULT_MODE = "channels_last"  # fastest in benchmarks/train_speed.py on a quiet 2-core CPU (1.79x eager, compiled 1.36x)
+# Fastest in benchmarks/train_speed.py side by side, quiet or loaded, 1 or 2 threads (figures above).
+DEFAULT_MODE = "fused"
 
 
 def available() -> bool:
@@ -29,6 +49,17 @@ def available() -> bool:
     from hwnas.kernels import _compiled
 
     return _compiled() is not None
+
+
+def nhwc_available() -> bool:
+    """Whether the channels-last kernels of the "fused" mode can run (hwnas._C built with them)."""
+    if not available():
+        return False
+    try:
+        import hwnas.kernels.nhwc  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -63,8 +94,99 @@ def _relu_conv_bn_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.op[2](pointwise(F.relu(x), conv.weight))
 
 
+def _sep_dil_forward_nhwc(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SepConv / DilConv on channels-last tensors: depthwise convs (ReLU fused) on hwnas::dwconv_nhwc,
+    1x1 convs on oneDNN, BatchNorms on hwnas::bn_nhwc."""
+    from hwnas.kernels.nhwc import batch_norm_nhwc, dwconv_nhwc
+
+    if x.device.type != "cpu":
+        return self.op(x)
+    seq = self.op
+    dw = seq[1]
+    y = batch_norm_nhwc(seq[3], F.conv2d(dwconv_nhwc(x, dw.weight, dw.stride[0], dw.dilation[0], True), seq[2].weight))
+    if len(seq) == 8:
+        dw = seq[5]
+        y = batch_norm_nhwc(seq[7], F.conv2d(dwconv_nhwc(y, dw.weight, 1, dw.dilation[0], True), seq[6].weight))
+    return y
+
+
+class _ReluCache:
+    """relu(x) once per tensor within one forward of the network.
+
+    A cell's output feeds the preprocessing of the next two cells, and both start with a ReLU (the stem's
+    output even feeds both preprocessings of the first cell): computing it once saves a pass over the
+    largest tensors of the network, forward and backward (autograd sums the gradients first). The
+    network's forward hooks empty the cache before and after each forward.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        hit = self.entries.get(id(x))
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        y = F.relu(x)
+        self.entries[id(x)] = (x, y)  # keeping x alive keeps its id unique until the cache is emptied
+        return y
+
+    def rectified(self, y: torch.Tensor) -> torch.Tensor:
+        """Records that y is already rectified (relu(y) is y itself) and returns it."""
+        self.entries[id(y)] = (y, y)
+        return y
+
+    def clear(self, *_args) -> None:
+        self.entries.clear()
+
+
+def _cell_forward_rectified(self: nn.Module, s0: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+    """Cell forward that returns relu(output), concatenated and rectified in one pass (hwnas::cat_relu_nhwc).
+
+    Only for cells whose output is read by ReLU-first modules alone (the preprocessing of the next two
+    cells; every cell but the network's last): ReLU is idempotent and its mask is the same, so those
+    modules compute exactly what they compute from the plain output, and they skip their own ReLU.
+    """
+    from hwnas.kernels.nhwc import cat_relu_nhwc
+
+    states = [self.preprocess0(s0), self.preprocess1(s1)]
+    for node in range(STEPS):
+        a, b = 2 * node, 2 * node + 1
+        states.append(self.ops[a](states[self.inputs[a]]) + self.ops[b](states[self.inputs[b]]))
+    return self._hwnas_relu.rectified(cat_relu_nhwc(states[2:]))
+
+
+def _relu_conv_bn_forward_nhwc(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ReLU (shared with the other consumers of x), conv on oneDNN, BN on hwnas::bn_nhwc."""
+    from hwnas.kernels.nhwc import batch_norm_nhwc
+
+    return batch_norm_nhwc(self.op[2], self.op[1](self._hwnas_relu(x)))
+
+
+def _factorized_reduce_forward_nhwc(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """FactorizedReduce with the shared ReLU and, for even sizes, no padded copy of x.
+
+    The shifted path's stride-2 1x1 conv reads x at (2i + 1, 2j + 1); with even H and W those all lie inside
+    x, so it is a stride-1 1x1 conv of that subsampled view (the pad row and column are never read).
+    """
+    from hwnas.kernels.nhwc import batch_norm_nhwc
+
+    x = self._hwnas_relu(x)
+    if x.shape[2] % 2 or x.shape[3] % 2:
+        shifted = self.conv_2(F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:])
+    else:
+        shifted = F.conv2d(x[:, :, 1::2, 1::2], self.conv_2.weight)
+    return batch_norm_nhwc(self.bn, torch.cat([self.conv_1(x), shifted], dim=1))
+
+
 _FORWARDS = ((SepConv, _sep_dil_forward), (DilConv, _sep_dil_forward), (ReLUConvBN, _relu_conv_bn_forward))
-MODES = ("eager", "compiled", "channels_last")
+_FORWARDS_NHWC = (
+    (SepConv, _sep_dil_forward_nhwc),
+    (DilConv, _sep_dil_forward_nhwc),
+    (ReLUConvBN, _relu_conv_bn_forward_nhwc),
+    (FactorizedReduce, _factorized_reduce_forward_nhwc),
+)
+_USES_RELU_CACHE = (ReLUConvBN, FactorizedReduce)
+MODES = ("eager", "compiled", "channels_last", "fused")
 
 
 def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
@@ -76,33 +198,56 @@ def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
 def fast_training(net: nn.Module, mode: str = DEFAULT_MODE) -> Iterator[str]:
     """Within the block `net` trains the `mode` way (same parameters, same results); yields the mode used.
 
-    "compiled": SepConv/DilConv depthwise convs on hwnas::dwconv and 1x1 convs as bmm (falls back to
-    "eager" when hwnas._C is not built). "channels_last": plain ATen ops on NHWC tensors (oneDNN's native
-    layout). "eager": nothing changes. On exit every module is plain and contiguous again, ready to export.
+    "fused": channels-last tensors with the depthwise convs, BatchNorms and cell concatenations on
+    hwnas._C's channels-last kernels (falls back to "channels_last" without them). "compiled":
+    SepConv/DilConv depthwise convs on hwnas::dwconv and 1x1 convs as bmm (falls back to "eager" when
+    hwnas._C is not built). "channels_last": plain ATen ops on NHWC tensors (oneDNN's native layout).
+    "eager": nothing changes. On exit every module is plain and contiguous again, ready to export.
     """
     if mode not in MODES:
         raise ValueError(f"training mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "compiled" and not available():
         log.info("hwnas._C is not built: training the discrete network in eager PyTorch")
         mode = "eager"
+    if mode == "fused" and not nhwc_available():
+        log.info("hwnas._C is not built with its channels-last kernels: training in channels_last mode")
+        mode = "channels_last"
+    if mode == "fused" and any(p.device.type != "cpu" for p in net.parameters()):
+        mode = "channels_last"  # the channels-last kernels are CPU kernels
     swapped: list[nn.Module] = []
-    hook = None
+    hooks = []
+    relu_cache = _ReluCache()
     try:
-        if mode == "compiled":
-            for module in net.modules():
-                for cls, forward in _FORWARDS:
-                    if type(module) is cls and "forward" not in module.__dict__:
-                        module.forward = types.MethodType(forward, module)
-                        swapped.append(module)
-        elif mode == "channels_last":
+        forwards = {"compiled": _FORWARDS, "fused": _FORWARDS_NHWC}.get(mode, ())
+        for module in net.modules():
+            for cls, forward in forwards:
+                if type(module) is cls and "forward" not in module.__dict__:
+                    module.forward = types.MethodType(forward, module)
+                    if mode == "fused" and cls in _USES_RELU_CACHE:
+                        module._hwnas_relu = relu_cache
+                    swapped.append(module)
+        if mode == "fused" and type(net) is Network:
+            # Every cell's output but the last cell's (global pooling reads it) feeds ReLU-first modules only.
+            cells = [cell for cell in net.cells if type(cell) is Cell and "forward" not in cell.__dict__]
+            for cell in cells[:-1]:
+                cell.forward = types.MethodType(_cell_forward_rectified, cell)
+                cell._hwnas_relu = relu_cache
+                swapped.append(cell)
+        if mode in ("channels_last", "fused"):
             net.to(memory_format=torch.channels_last)
-            hook = net.register_forward_pre_hook(_to_channels_last)
+            hooks.append(net.register_forward_pre_hook(_to_channels_last))
+        if mode == "fused":
+            hooks.append(net.register_forward_pre_hook(relu_cache.clear))
+            hooks.append(net.register_forward_hook(relu_cache.clear, always_call=True))
         yield mode
     finally:
         for module in swapped:
             del module.forward  # back to the class's plain-nn forward
-        if hook is not None:
+            module.__dict__.pop("_hwnas_relu", None)
+        relu_cache.clear()
+        for hook in hooks:
             hook.remove()
+        if mode in ("channels_last", "fused"):
             net.to(memory_format=torch.contiguous_format)
 
 

@@ -47,7 +47,7 @@ def train_network(
 ) -> tuple[Network, float]:
     """Train `genotype`'s network from scratch on the train split (cosine schedule); returns it and its test accuracy.
 
-    `mode` ("compiled", "channels_last" or "eager", see hwnas.train.fast_ops) only changes how fast the
+    `mode` ("fused", "compiled", "channels_last" or "eager", see hwnas.train.fast_ops) only changes how fast the
     steps run, not what they compute; the returned network is the plain nn module either way.
     """
     macro = genotype.macro
