@@ -277,17 +277,17 @@ def export_front(
 
     rows = []
     n = len(front.members)
-    parallel = train_epochs > 0 and data is not None and wants_dask(workers, scheduler)
-    if parallel:
-        to_train = [m.genotype for m in front.members if train_ids is None or m.arch_id in train_ids]
-        train_fn = pretrained(to_train, lambda g: splits_at(data, g.macro.resolution), train_epochs,
-                              range(seed, seed + train_seeds), train_fn or _train_network, workers, scheduler,
-                              None if progress is None else lambda done, total: progress("train", done, total))
     finished = _read_partial(out_dir)  # members a killed run already exported (and trained)
     epochs_of = [train_epochs if train_ids is None or m.arch_id in train_ids else 0 for m in front.members]
     keys = [_member_key(rank, m, epochs_of[rank], train_seeds, seed, tolerance) for rank, m in enumerate(front.members)]
     if any(k in finished for k in keys):  # one line before any work, so that even a run killed again reports it
         log.info("resuming %s: %d members already exported", out_dir, sum(k in finished for k in keys))
+    parallel = train_epochs > 0 and data is not None and wants_dask(workers, scheduler)
+    to_train = [m.genotype for m, k, e in zip(front.members, keys, epochs_of) if e > 0 and k not in finished]
+    if parallel and to_train:  # every training run of the members still to export, spread over the cluster first
+        train_fn = pretrained(to_train, lambda g: splits_at(data, g.macro.resolution), train_epochs,
+                              range(seed, seed + train_seeds), train_fn or _train_network, workers, scheduler,
+                              None if progress is None else lambda done, total: progress("train", done, total))
     on_run = None if parallel or progress is None else _run_counter(
         progress, sum(train_seeds for k, e in zip(keys, epochs_of) if e > 0 and k not in finished))
     for rank, member in enumerate(front.members):
