@@ -420,6 +420,18 @@ T pool_backward_plane(const T* code, const T* gmax, const T* gavg, T* gx, const 
   return dot;
 }
 
+// dst[i] = w * g[i] (the gradient of a branch weighted by w); returns sum g[i] * src[i] (its weight's gradient).
+template <typename T>
+T scale_and_dot(const T* g, const T* src, T* dst, T w, int64_t n) {
+  T a = 0;
+#pragma omp simd reduction(+ : a)
+  for (int64_t i = 0; i < n; ++i) {
+    a += g[i] * src[i];
+    dst[i] = w * g[i];
+  }
+  return a;
+}
+
 struct CombineShape {
   int64_t n, c, h, w, ho, wo;
 };
@@ -602,13 +614,7 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
           }
           gwc[kSkip] += pool_backward_plane(code.at(b), gpm, gpa, gxs, geom, sc, ident ? gs : nullptr, xs, w3);
         } else if (ident) {
-          T a = 0;
-#pragma omp simd reduction(+ : a)
-          for (int64_t i = 0; i < ohw; ++i) {
-            a += gs[i] * xs[i];
-            gxs[i] = w3 * gs[i];
-          }
-          gwc[kSkip] += a;
+          gwc[kSkip] += scale_and_dot(gs, xs, gxs, w3, ohw);
         } else {
           std::fill(gxs, gxs + hw, T(0));
         }
@@ -619,16 +625,7 @@ void combine_backward_kernel(const at::Tensor& g, const at::Tensor& x, const std
         const T* gs = gd + plane * ohw;
         for (int k = kSkip; k < kNumOps; ++k) {
           if (!bp[k]) continue;
-          const T* src = bp[k] + plane * ohw;
-          T* dst = gbp[k] + plane * ohw;
-          const T wk = T(wv[k]);
-          T a = 0;
-#pragma omp simd reduction(+ : a)
-          for (int64_t i = 0; i < ohw; ++i) {
-            a += gs[i] * src[i];
-            dst[i] = wk * gs[i];
-          }
-          gwc[k] += a;
+          gwc[k] += scale_and_dot(gs, bp[k] + plane * ohw, gbp[k] + plane * ohw, T(wv[k]), ohw);
         }
       }
     }

@@ -49,19 +49,23 @@ def _dwconv_backward_fake(grad_out, x, weight, stride, dilation, relu_input):
     return torch.empty_like(x), torch.empty_like(weight)
 
 
-def _dwconv_setup(ctx, inputs, output) -> None:
-    x, weight, stride, dilation, relu_input = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.conf = (stride, dilation, relu_input)
+def register_dwconv_autograd(name: str, backward_op) -> None:
+    """Autograd for depthwise-conv op `name` (x, weight, stride, dilation, relu_input) via `backward_op`."""
+
+    def setup(ctx, inputs, output) -> None:
+        x, weight, stride, dilation, relu_input = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, dilation, relu_input)
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx, gw = backward_op(grad, x, weight, *ctx.conf)
+        return gx, gw, None, None, None
+
+    torch.library.register_autograd(name, backward, setup_context=setup)
 
 
-def _dwconv_backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    gx, gw = torch.ops.hwnas.dwconv_backward(grad, x, weight, *ctx.conf)
-    return gx, gw, None, None, None
-
-
-torch.library.register_autograd("hwnas::dwconv", _dwconv_backward, setup_context=_dwconv_setup)
+register_dwconv_autograd("hwnas::dwconv", torch.ops.hwnas.dwconv_backward)
 
 
 def dwconv(x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int, relu_input: bool) -> torch.Tensor:

@@ -18,6 +18,8 @@ from hwnas import _C  # noqa: F401  (registers the hwnas:: operators)
 if not hasattr(torch.ops.hwnas, "dwconv_nhwc"):
     raise ImportError("hwnas._C was built without the channels-last kernels (csrc/nhwc_cpu.cpp): rebuild it")
 
+from hwnas.kernels.compiled import register_dwconv_autograd  # noqa: E402  (after the check above)
+
 
 def _out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
     return (h + stride - 1) // stride, (w + stride - 1) // stride
@@ -34,19 +36,7 @@ def _dwconv_nhwc_backward_fake(grad_out, x, weight, stride, dilation, relu_input
     return torch.empty_like(x, memory_format=torch.channels_last), torch.empty_like(weight)
 
 
-def _setup(ctx, inputs, output) -> None:
-    x, weight, stride, dilation, relu_input = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.conf = (stride, dilation, relu_input)
-
-
-def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    gx, gw = torch.ops.hwnas.dwconv_nhwc_backward(grad, x, weight, *ctx.conf)
-    return gx, gw, None, None, None
-
-
-torch.library.register_autograd("hwnas::dwconv_nhwc", _backward, setup_context=_setup)
+register_dwconv_autograd("hwnas::dwconv_nhwc", torch.ops.hwnas.dwconv_nhwc_backward)
 
 
 def dwconv_nhwc(x: torch.Tensor, weight: torch.Tensor, stride: int, dilation: int, relu_input: bool) -> torch.Tensor:
