@@ -96,6 +96,9 @@ class SupernetConfig:
     # Elastic depth: single-path steps also drop trailing normal cells of each stage (cell skipping), so the
     # search can choose each architecture's depth.
     elastic_depth: bool = False
+    # Elastic width: single-path steps also run each stage at a fraction of its channels (the leading channels
+    # of the shared weights), so the search can choose each architecture's width.
+    elastic_width: bool = False
     epochs: int = 2  # bilevel epochs (weights on train, alphas on search-validation)
     sample_epochs: int = 20  # single-path fine-tuning epochs after the bilevel phase
     sampling: str = "uniform"  # single-path sampling: "uniform", "fair" (each op once per 7 steps) or "alpha"
@@ -128,6 +131,10 @@ class SupernetConfig:
             raise ValueError(f"elastic_depth must be true or false, got {self.elastic_depth!r}")
         if self.elastic_depth and self.sample_epochs == 0:
             raise ValueError("elastic depth is trained by single-path steps only; it needs sample_epochs > 0")
+        if not isinstance(self.elastic_width, bool):
+            raise ValueError(f"elastic_width must be true or false, got {self.elastic_width!r}")
+        if self.elastic_width and self.sample_epochs == 0:
+            raise ValueError("elastic width is trained by single-path steps only; it needs sample_epochs > 0")
         for name in ("epochs", "sample_epochs", "max_param_free", "seed", "train_subset"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
@@ -235,6 +242,8 @@ class ProfileConfig:
     # Calibration and validation networks of every elastic depth (the first cell of each stage kept or not),
     # so the predictor is fitted and validated on networks that drop cells too.
     elastic_depth: bool = True
+    # Likewise networks of every elastic width, and the blocks of every width's channel counts.
+    elastic_width: bool = True
     provider: str = "CPUExecutionProvider"  # onnxruntime execution provider
     provider_options: tuple[tuple[str, str], ...] = ()  # sorted (key, value) pairs; a dict is accepted
 
@@ -262,6 +271,6 @@ class ProfileConfig:
     def measurement_key(self) -> dict[str, Any]:
         """Fields that change what gets measured: a resumed run must agree on all of them."""
         keep = ("threads", "macro", "n_calibration", "n_validation", "runs", "warmup", "rounds", "optimization_level", "seed",
-                "elastic_depth", "provider", "provider_options")
+                "elastic_depth", "elastic_width", "provider", "provider_options")
         key = {k: (getattr(self, k).to_dict() if k == "macro" else getattr(self, k)) for k in keep}
         return {**key, "provider_options": dict(self.provider_options)}

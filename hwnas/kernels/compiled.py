@@ -114,25 +114,29 @@ torch.library.register_autograd("hwnas::combine", _combine_backward, setup_conte
 
 
 def _conv_branch(op: nn.Module, x: torch.Tensor, stride: int) -> torch.Tensor:
-    """SepConv / DilConv with the depthwise convs (ReLU fused) on hwnas::dwconv."""
-    seq = op.op
+    """SepConv / DilConv with the depthwise convs (ReLU fused) on hwnas::dwconv.
+
+    A narrower x (elastic width) uses the leading channels of every weight; the BatchNorms slice themselves.
+    """
+    seq, c = op.op, x.shape[1]
     if len(seq) == 8:  # SepConv: relu, dw, pw, bn, relu, dw, pw, bn
-        y = dwconv(x, seq[1].weight, stride, seq[1].dilation[0], True)
-        y = seq[3](F.conv2d(y, seq[2].weight))
-        y = dwconv(y, seq[5].weight, 1, seq[5].dilation[0], True)
-        return seq[7](F.conv2d(y, seq[6].weight))
+        y = dwconv(x, seq[1].weight[:c], stride, seq[1].dilation[0], True)
+        y = seq[3](F.conv2d(y, seq[2].weight[:c, :c]))
+        y = dwconv(y, seq[5].weight[:c], 1, seq[5].dilation[0], True)
+        return seq[7](F.conv2d(y, seq[6].weight[:c, :c]))
     # DilConv: relu, dw, pw, bn
-    y = dwconv(x, seq[1].weight, stride, seq[1].dilation[0], True)
-    return seq[3](F.conv2d(y, seq[2].weight))
+    y = dwconv(x, seq[1].weight[:c], stride, seq[1].dilation[0], True)
+    return seq[3](F.conv2d(y, seq[2].weight[:c, :c]))
 
 
 def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """What nn.BatchNorm2d does to its buffers in a training-mode forward."""
+    """What nn.BatchNorm2d does to its buffers in a training-mode forward (to the leading channels of a narrower pass)."""
     bn.num_batches_tracked.add_(1)
     momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     unbiased = var * (count / (count - 1)) if count > 1 else var
-    bn.running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-    bn.running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+    c = mean.shape[0]
+    bn.running_mean[:c].mul_(1 - momentum).add_(mean, alpha=momentum)
+    bn.running_var[:c].mul_(1 - momentum).add_(unbiased, alpha=momentum)
 
 
 def mixed_op(x: torch.Tensor, weights: torch.Tensor, ops: nn.ModuleList, stride: int,
@@ -151,7 +155,8 @@ def mixed_op(x: torch.Tensor, weights: torch.Tensor, ops: nn.ModuleList, stride:
     training = bn_max.training
     running = None
     if not training and (active[MAX_POOL] or active[AVG_POOL]):
-        running = torch.stack([bn_max.running_mean, bn_max.running_var, bn_avg.running_mean, bn_avg.running_var])
+        c = x.shape[1]
+        running = torch.stack([bn_max.running_mean[:c], bn_max.running_var[:c], bn_avg.running_mean[:c], bn_avg.running_var[:c]])
         running = running.to(x.dtype)
     out, stats = torch.ops.hwnas.combine(x, weights, branches, running, mask, stride, training, bn_max.eps)
     if training:

@@ -10,9 +10,9 @@ from pymoo.core.repair import Repair
 
 from hwnas.config import MacroConfig
 from hwnas.search.front import OBJECTIVES
-from hwnas.space.genotype import STEPS, Genotype, SearchSpace, reduction_layers
-from hwnas.space.network import Network, count_params
-from hwnas.space.ops import create_op
+from hwnas.space.genotype import STEPS, Genotype, SearchSpace, cell_channels, reduction_layers
+from hwnas.space.network import STEM_MULTIPLIER, Network, count_params
+from hwnas.space.ops import FactorizedReduce, ReLUConvBN, create_op
 
 log = logging.getLogger(__name__)
 
@@ -23,47 +23,44 @@ REFERENCE_MARGIN = 1.1
 
 
 class ParamsCounter:
-    """Exact parameter count of Network(genotype) without building it: a fixed base plus a per-op table."""
+    """Exact parameter count of Network(genotype) without building it: per-layer counts cached by shape."""
 
     def __init__(self, macro: MacroConfig) -> None:
         self.macro = macro
-        # (channels, reduction) per cell, as Network lays them out
-        self._cells: list[tuple[int, bool]] = []
-        c = macro.C
-        for i in range(macro.layers):
-            reduction = i in reduction_layers(macro.layers)
-            c = c * 2 if reduction else c
-            self._cells.append((c, reduction))
-        self._table: dict[tuple[str, int, int], int] = {}
-        probe = SearchSpace(macro).sample(np.random.default_rng(0))
-        net = Network(probe)
-        # Per cell, its preprocessing: a cell dropped by the elastic depth takes it away too.
-        self._pre = [count_params(c.preprocess0) + count_params(c.preprocess1) for c in net.cells]
-        self._base = count_params(net) - self._ops_params(probe) - sum(self._pre)
+        self._table: dict[tuple, int] = {}
+        self._reductions = reduction_layers(macro.layers)
+        probe = Network(SearchSpace(macro).sample(np.random.default_rng(0)))
+        self._stem = count_params(probe.stem)
 
-    def _op_params(self, op: str, c: int, stride: int) -> int:
-        key = (op, c, stride)
+    def _count(self, key: tuple, build: Callable[[], Any]) -> int:
         if key not in self._table:
-            self._table[key] = count_params(create_op(op, c, stride, affine=True))
+            self._table[key] = count_params(build())
         return self._table[key]
 
-    def _ops_params(self, g: Genotype, active: Sequence[bool] | None = None) -> int:
-        total = 0
-        for i, (c, reduction) in enumerate(self._cells):
-            if active is not None and not active[i]:
-                continue
-            for op, inp in g.reduce if reduction else g.normal:
-                total += self._op_params(op, c, 2 if reduction and inp < 2 else 1)
+    def _cell(self, g: Genotype, c_pp: int, c_p: int, c: int, reduction: bool, reduction_prev: bool) -> int:
+        pre0 = (self._count(("fr", c_pp, c), lambda: FactorizedReduce(c_pp, c)) if reduction_prev
+                else self._count(("rcb", c_pp, c), lambda: ReLUConvBN(c_pp, c, 1, 1, 0)))
+        total = pre0 + self._count(("rcb", c_p, c), lambda: ReLUConvBN(c_p, c, 1, 1, 0))
+        for op, inp in g.reduce if reduction else g.normal:
+            stride = 2 if reduction and inp < 2 else 1
+            total += self._count((op, c, stride), lambda: create_op(op, c, stride, affine=True))
         return total
+
+    def count(self, g: Genotype) -> int:
+        """Parameters of Network(g): stem, kept cells at their widths (as Network lays them out), classifier."""
+        c_pp = c_p = STEM_MULTIPLIER * self.macro.C
+        total, reduction_prev = self._stem, False
+        for i, (c, keep) in enumerate(zip(cell_channels(self.macro, g.width), g.active_cells)):
+            reduction = i in self._reductions
+            if keep:  # a dropped cell takes its preprocessing and ops away; shapes around it do not change
+                total += self._cell(g, c_pp, c_p, c, reduction, reduction_prev)
+            reduction_prev = reduction
+            c_pp, c_p = c_p, STEPS * c
+        return total + c_p * self.macro.classes + self.macro.classes
 
     def __call__(self, genotypes: Sequence[Genotype]) -> np.ndarray:
         """Parameters in millions, one per genotype."""
-        out = []
-        for g in genotypes:
-            active = g.active_cells
-            pre = sum(p for p, keep in zip(self._pre, active) if keep)
-            out.append((self._base + pre + self._ops_params(g, active)) / 1e6)
-        return np.array(out, dtype=float)
+        return np.array([self.count(g) / 1e6 for g in genotypes], dtype=float)
 
 
 def _check_values(name: str, values: Any, n: int, low: float, high: float) -> np.ndarray:

@@ -24,6 +24,10 @@ Pair = tuple[str, int]
 # stage s > 0: the normal cells after reduction s). The first cell is never dropped: its input is the stem
 # (3C channels), so only it cannot be replaced by passing its input through.
 MIN_STAGE_DEPTH = (1, 0, 0)
+# Elastic width: each stage runs at one of these fractions of its channels (the supernet's leading channels).
+WIDTH_CHOICES = (0.5, 0.75, 1.0)
+N_STAGES = 3
+MIN_CHANNELS = 2  # FactorizedReduce splits a cell's channels into two halves
 
 
 def reduction_layers(layers: int) -> tuple[int, int]:
@@ -50,6 +54,46 @@ def active_cells(macro: MacroConfig, depth: Sequence[int] = ()) -> tuple[bool, .
             out.append(seen < depth[stage])
             seen += 1
     return tuple(out)
+
+
+def cell_stages(macro: MacroConfig) -> tuple[int, ...]:
+    """Stage of each cell: 0 before the first reduction, s for reduction s and the normal cells after it."""
+    r1, r2 = reduction_layers(macro.layers)
+    return tuple(0 if i < r1 else 1 if i < r2 else 2 for i in range(macro.layers))
+
+
+def stage_channels(macro: MacroConfig, width: Sequence[float] = ()) -> tuple[int, ...]:
+    """Channels per node in each stage at `width` (fractions per stage; () = full: C, 2C, 4C)."""
+    full = [macro.C * 2 ** s for s in range(N_STAGES)]
+    if not width:
+        return tuple(full)
+    return tuple(max(MIN_CHANNELS, int(w * c + 0.5)) for w, c in zip(width, full))
+
+
+def cell_channels(macro: MacroConfig, width: Sequence[float] = ()) -> tuple[int, ...]:
+    """Channels per node of every cell at `width` (what Network builds and the supernet slices to)."""
+    per_stage = stage_channels(macro, width)
+    return tuple(per_stage[s] for s in cell_stages(macro))
+
+
+def normalize_width(width: Any) -> tuple[float, ...]:
+    """Validated width fraction per stage, each one of WIDTH_CHOICES; full width becomes () (arch_id unchanged)."""
+    if width is None:
+        return ()
+    if not isinstance(width, (list, tuple)) or not all(
+            isinstance(w, (int, float, np.integer, np.floating)) and not isinstance(w, bool) for w in width):
+        raise ValueError(f"width must be a list of numbers (channel fraction per stage), got {width!r}")
+    if not width:
+        return ()
+    if len(width) != N_STAGES:
+        raise ValueError(f"width must give {N_STAGES} stages (channel fraction per stage), got {list(width)}")
+    out = []
+    for stage, w in enumerate(width):
+        match = [c for c in WIDTH_CHOICES if abs(float(w) - c) < 1e-9]
+        if not match:
+            raise ValueError(f"width[{stage}] = {w} is not one of {list(WIDTH_CHOICES)}")
+        out.append(match[0])
+    return () if all(w == 1.0 for w in out) else tuple(out)
 
 
 def normalize_depth(depth: Any, macro: MacroConfig) -> tuple[int, ...]:
@@ -105,6 +149,7 @@ class Genotype:
     reduce: tuple[Pair, ...]
     macro: MacroConfig = field(default=DEFAULT_MACRO)
     depth: tuple[int, ...] = ()  # normal cells kept per stage (elastic depth); () = every cell of the macro
+    width: tuple[float, ...] = ()  # channel fraction per stage (elastic width); () = full width
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "normal", _check_cell("normal", self.normal))
@@ -112,6 +157,7 @@ class Genotype:
         if not isinstance(self.macro, MacroConfig):
             raise ValueError(f"macro must be a MacroConfig, got {type(self.macro).__name__}")
         object.__setattr__(self, "depth", normalize_depth(self.depth, self.macro))
+        object.__setattr__(self, "width", normalize_width(self.width))
 
     @property
     def active_cells(self) -> tuple[bool, ...]:
@@ -124,12 +170,29 @@ class Genotype:
         return self.depth or stage_depths(self.macro)
 
     @property
+    def stage_width(self) -> tuple[float, ...]:
+        """Channel fraction per stage, full width spelled out."""
+        return self.width or (1.0,) * N_STAGES
+
+    @property
+    def cell_channels(self) -> tuple[int, ...]:
+        """Channels per node of every cell of the macro at this genotype's width."""
+        return cell_channels(self.macro, self.width)
+
+    @property
+    def shape_key(self) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """(depth, width): what, beside the cells, decides which blocks the network runs (latency tables key)."""
+        return self.depth, self.width
+
+    @property
     def arch_id(self) -> str:
         """Stable 16-hex-digit id; the two pairs of a node are unordered, so they are sorted first."""
         canon = {t: [sorted(getattr(self, t)[2 * n : 2 * n + 2]) for n in range(STEPS)] for t in CELL_TYPES}
         canon["macro"] = self.macro.to_dict()  # type: ignore[assignment]
         if self.depth:  # only when cells are dropped, so full-depth ids stay what they always were
             canon["depth"] = list(self.depth)  # type: ignore[assignment]
+        if self.width:  # likewise: full-width ids stay what they always were
+            canon["width"] = list(self.width)  # type: ignore[assignment]
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -144,6 +207,8 @@ class Genotype:
         }
         if self.depth:
             out["depth"] = list(self.depth)
+        if self.width:
+            out["width"] = list(self.width)
         return out
 
     @classmethod
@@ -161,7 +226,8 @@ class Genotype:
             if key not in data:
                 raise ValueError(f"missing field {key!r}")
         macro = MacroConfig.from_dict(data["macro"]) if "macro" in data else DEFAULT_MACRO
-        return cls(normal=data["normal"], reduce=data["reduce"], macro=macro, depth=data.get("depth", ()))
+        return cls(normal=data["normal"], reduce=data["reduce"], macro=macro, depth=data.get("depth", ()),
+                   width=data.get("width", ()))
 
     def save(self, path: str | Path) -> None:
         """Write the architecture JSON file atomically."""
@@ -182,14 +248,15 @@ class SearchSpace:
     """Integer encoding of genotypes for search: per node (op_a, in_a, op_b, in_b), normal cell first.
 
     The elastic macro adds variables after the cells: with more than one input resolution, the index into
-    `resolutions` (ascending); with `depth`, the normal cells kept in each stage that has a choice.
+    `resolutions` (ascending); with `depth`, the normal cells kept in each stage that has a choice; with
+    `width`, the index into WIDTH_CHOICES of each stage's channel fraction.
     """
 
     name = SPACE_NAME
     cell_vars = 2 * STEPS * 4
 
     def __init__(self, macro: MacroConfig = DEFAULT_MACRO, resolutions: Sequence[int] | None = None,
-                 depth: bool = False) -> None:
+                 depth: bool = False, width: bool = False) -> None:
         self.macro = macro
         self.resolutions = tuple(sorted(set(int(r) for r in resolutions))) if resolutions else (macro.resolution,)
         if any(r < 1 for r in self.resolutions):
@@ -197,6 +264,7 @@ class SearchSpace:
         full = stage_depths(macro)
         # Stages whose depth the search chooses; the others stay at full depth.
         self.depth_stages = tuple(s for s in range(len(full)) if full[s] > MIN_STAGE_DEPTH[s]) if depth else ()
+        self.width_stages = tuple(range(N_STAGES)) if width else ()
 
     @property
     def elastic(self) -> bool:
@@ -209,9 +277,18 @@ class SearchSpace:
         return bool(self.depth_stages)
 
     @property
+    def elastic_width(self) -> bool:
+        """True when the search chooses each stage's channel fraction."""
+        return bool(self.width_stages)
+
+    @property
+    def _width_start(self) -> int:
+        return self.cell_vars + int(self.elastic) + len(self.depth_stages)
+
+    @property
     def n_var(self) -> int:
         """Length of an encoding."""
-        return self.cell_vars + int(self.elastic) + len(self.depth_stages)
+        return self._width_start + len(self.width_stages)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Inclusive lower and upper bounds of every variable."""
@@ -226,6 +303,7 @@ class SearchSpace:
         full, first = stage_depths(self.macro), self.cell_vars + int(self.elastic)
         for k, stage in enumerate(self.depth_stages):
             xl[first + k], xu[first + k] = MIN_STAGE_DEPTH[stage], full[stage]
+        xu[self._width_start:] = len(WIDTH_CHOICES) - 1
         return xl, xu
 
     def encode(self, genotype: Genotype) -> np.ndarray:
@@ -244,6 +322,9 @@ class SearchSpace:
         if fixed:
             raise ValueError(f"genotype depth {list(depth)} drops cells of stage {fixed[0]}, which this space keeps at full depth")
         x += [depth[s] for s in self.depth_stages]
+        if genotype.width and not self.elastic_width:
+            raise ValueError(f"genotype width {list(genotype.width)} is not full, and this space keeps every stage at full width")
+        x += [WIDTH_CHOICES.index(genotype.stage_width[s]) for s in self.width_stages]
         return np.asarray(x, dtype=int)
 
     def decode(self, x: Sequence[int] | np.ndarray) -> Genotype:
@@ -266,8 +347,11 @@ class SearchSpace:
         depth = list(stage_depths(self.macro))
         for k, stage in enumerate(self.depth_stages):
             depth[stage] = int(x[self.cell_vars + int(self.elastic) + k])
+        width = [1.0] * N_STAGES
+        for k, stage in enumerate(self.width_stages):
+            width[stage] = WIDTH_CHOICES[int(x[self._width_start + k])]
         return Genotype(normal=tuple(cells[0]), reduce=tuple(cells[1]), macro=self.macro.at_resolution(res),
-                        depth=tuple(depth))
+                        depth=tuple(depth), width=tuple(width))
 
     def repair(self, x: np.ndarray) -> np.ndarray:
         """Clip into bounds and give each node two distinct inputs (the second moves to the next free one)."""
@@ -281,7 +365,7 @@ class SearchSpace:
         return x
 
     def sample(self, rng: np.random.Generator) -> Genotype:
-        """A uniformly random valid genotype (and resolution and depth, when elastic)."""
+        """A uniformly random valid genotype (and resolution, depth and width, when elastic)."""
         x = []
         for _ in range(2):
             for node in range(STEPS):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hwnas.config import MacroConfig
-from hwnas.space.genotype import STEPS, Genotype, Pair, active_cells, reduction_layers  # noqa: F401 (re-exported)
+from hwnas.space.genotype import STEPS, Genotype, Pair, active_cells, cell_channels, reduction_layers  # noqa: F401 (re-exported)
 from hwnas.space.ops import FactorizedReduce, ReLUConvBN, create_op
 
 STEM_MULTIPLIER = 3
@@ -44,7 +44,8 @@ class SkippedCell(nn.Module):
 class Network(nn.Module):
     """DARTS evaluation network: stem, `layers` cells (two of them reductions), global pool, classifier.
 
-    Cells the genotype's depth drops are `SkippedCell`s: they add no op to the graph or the ONNX export.
+    Cells the genotype's depth drops are `SkippedCell`s: they add no op to the graph or the ONNX export. The
+    genotype's width sets each stage's channels; the stem keeps 3C.
     """
 
     def __init__(self, genotype: Genotype, macro: MacroConfig | None = None) -> None:
@@ -55,16 +56,15 @@ class Network(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(macro.in_channels, c_curr, 3, padding=1, bias=False), nn.BatchNorm2d(c_curr)
         )
-        c_pp, c_p, c_curr = c_curr, c_curr, macro.C
+        c_pp = c_p = c_curr
         self.cells = nn.ModuleList()
         reduction_prev = False
-        if genotype.depth and macro.layers != genotype.macro.layers:
-            raise ValueError(f"genotype depth {list(genotype.depth)} is for {genotype.macro.layers} layers, not {macro.layers}")
+        if (genotype.depth or genotype.width) and macro.layers != genotype.macro.layers:
+            raise ValueError(f"genotype depth {list(genotype.depth)} / width {list(genotype.width)} is for "
+                             f"{genotype.macro.layers} layers, not {macro.layers}")
         active = active_cells(macro, genotype.depth)
-        for i in range(macro.layers):
+        for i, c_curr in enumerate(cell_channels(macro, genotype.width)):
             reduction = i in reduction_layers(macro.layers)
-            if reduction:
-                c_curr *= 2
             pairs = genotype.reduce if reduction else genotype.normal
             self.cells.append(Cell(pairs, c_pp, c_p, c_curr, reduction, reduction_prev) if active[i] else SkippedCell())
             reduction_prev = reduction

@@ -10,7 +10,8 @@ from torch import nn
 from hwnas.config import MacroConfig
 from hwnas.kernels import mixed_op
 from hwnas.kernels.reference import mark_host_zeros, skip_table
-from hwnas.space.genotype import STEPS, Genotype, reduction_layers
+from hwnas.space.elastic import make_elastic
+from hwnas.space.genotype import STEPS, Genotype, cell_channels, reduction_layers
 from hwnas.space.network import STEM_MULTIPLIER
 from hwnas.space.ops import GENOTYPE_OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, create_op
 
@@ -87,9 +88,10 @@ class SearchCell(nn.Module):
         )
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor,
-                skip: list[list[bool]] | None = None) -> torch.Tensor:
-        """`skip`: per edge, skippable() of its weights when known on the host (see skip_table)."""
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+                skip: list[list[bool]] | None = None, channels: int | None = None) -> torch.Tensor:
+        """`skip`: per edge, skippable() of its weights when known on the host (see skip_table); `channels`:
+        this cell's node width (elastic width; None = full)."""
+        states = [self.preprocess0(s0, channels), self.preprocess1(s1, channels)]
         offset = 0
         for node in range(STEPS):
             states.append(sum(self._edge(offset + j, h, weights, skip) for j, h in enumerate(states)))
@@ -125,6 +127,16 @@ class Supernet(nn.Module):
         self.classifier = nn.Linear(c_p, macro.classes)
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(EDGES, NUM_OPS))
         self.alphas_reduce = nn.Parameter(1e-3 * torch.randn(EDGES, NUM_OPS))
+        self.full_channels = cell_channels(macro)
+        make_elastic(self)
+        # Layers that read a cell's output (a concat of STEPS node blocks) slice each block (elastic width).
+        for i, cell in enumerate(self.cells):
+            readers = [cell.preprocess1] if i == 1 else [cell.preprocess0, cell.preprocess1] if i > 1 else []
+            for pre in readers:
+                for conv in pre.modules():
+                    if isinstance(conv, nn.Conv2d):
+                        conv.in_blocks = STEPS
+        self.classifier.in_blocks = STEPS
 
     def set_backend(self, name: str) -> None:
         """Route every MixedOp through kernel backend `name` ("auto", "reference", "cpu", "cuda")."""
@@ -146,14 +158,17 @@ class Supernet(nn.Module):
         return F.softmax(self.alphas_normal, dim=-1), F.softmax(self.alphas_reduce, dim=-1)
 
     def forward(self, x: torch.Tensor, weights: EdgeWeights | None = None,
-                active: Sequence[bool] | None = None) -> torch.Tensor:
-        """Logits; `active` (one flag per cell, see Genotype.active_cells) drops cells as the elastic depth does."""
+                active: Sequence[bool] | None = None, channels: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits; `active` (one flag per cell, see Genotype.active_cells) drops cells as the elastic depth does,
+        `channels` (node width per cell, see Genotype.cell_channels) narrows them as the elastic width does."""
         w_normal, w_reduce = self.softmax_weights() if weights is None else weights
         for w, name in ((w_normal, "normal"), (w_reduce, "reduce")):
             if w.shape != (EDGES, NUM_OPS):
                 raise ValueError(f"{name} edge weights must have shape ({EDGES}, {NUM_OPS}), got {tuple(w.shape)}")
         if active is not None and (len(active) != len(self.cells) or not all(active[i] for i in reduction_layers(len(self.cells)))):
             raise ValueError(f"active must flag each of the {len(self.cells)} cells and keep the reduction cells, got {active!r}")
+        if channels is not None:
+            self._check_channels(channels)
         # which ops each edge may skip, read from the device at most once per forward (not per edge)
         skip_normal, skip_reduce = skip_table(w_normal, w_reduce)
         s0 = s1 = self.stem(x)
@@ -161,11 +176,18 @@ class Supernet(nn.Module):
             if active is not None and not active[i]:
                 s0 = s1  # a dropped normal cell passes its input on, as in Network
                 continue
+            c = None if channels is None else channels[i]
             if cell.reduction:
-                s0, s1 = s1, cell(s0, s1, w_reduce, skip_reduce)
+                s0, s1 = s1, cell(s0, s1, w_reduce, skip_reduce, c)
             else:
-                s0, s1 = s1, cell(s0, s1, w_normal, skip_normal)
+                s0, s1 = s1, cell(s0, s1, w_normal, skip_normal, c)
         return self.classifier(torch.flatten(self.global_pooling(s1), 1))  # (N, classes)
+
+    def _check_channels(self, channels: Sequence[int]) -> None:
+        if len(channels) != len(self.full_channels) or not all(
+                2 <= c <= full for c, full in zip(channels, self.full_channels)):
+            raise ValueError(f"channels must give each of the {len(self.cells)} cells a width in [2, its full "
+                             f"{list(self.full_channels)}], got {list(channels)}")
 
     def derive(self) -> Genotype:
         """DARTS discretisation: per node the two strongest incoming edges, each with its best non-none op."""
@@ -184,7 +206,8 @@ class Supernet(nn.Module):
     def genotype_weights(self, genotype: Genotype) -> EdgeWeights:
         """One-hot weights selecting `genotype`'s ops; unselected edges get all-zero rows.
 
-        The supernet's layers do not depend on the input size, so a genotype at another resolution fits.
+        The supernet's layers do not depend on the input size, so a genotype at another resolution fits; its
+        depth and width are forward's `active` and `channels` (Genotype.active_cells and .cell_channels).
         """
         if not self.macro.same_but_resolution(genotype.macro):
             raise ValueError(f"genotype macro {genotype.macro} does not match the supernet's {self.macro}")
