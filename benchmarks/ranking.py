@@ -6,7 +6,8 @@ mean Kendall tau between single seeds. The estimate is tracked after the DARTS b
 single-path fine-tuning, with and without BatchNorm recalibration.
 `--data`, `--train-subset` and the macro flags (`--C`, `--layers`, `--resolution`) run the same machinery on
 another dataset at one fixed macro; `--cell-set random` then draws the cells from SearchSpace (plus `--weak`
-low-conv cells like the all-pool/skip end of the default spanning set). With `--bilevel-epochs 0` the
+low-conv cells like the all-pool/skip end of the default spanning set); `--cell-set elastic` draws cells,
+resolutions (`--resolutions`), depths and widths from a supernet trained with all three elastic. With `--bilevel-epochs 0` the
 supernet is trained single-path only and no derived cell joins the ground truth. The second target,
 max(0.4, 0.7 x split-half ceiling), is the one of issue 15 for such a set.
 `--guards` also compares the DARTS collapse guards, `--demo` measures the default macro (supernet
@@ -38,7 +39,7 @@ import torch
 from scipy.stats import kendalltau, spearmanr
 
 from hwnas.config import DEFAULT_MACRO, MacroConfig, SupernetConfig
-from hwnas.data import load_dataset
+from hwnas.data import load_dataset, splits_at
 from hwnas.space.genotype import STEPS, Genotype, SearchSpace
 from hwnas.space.network import Network, build_network, count_params
 from hwnas.space.ops import GENOTYPE_OPS
@@ -87,6 +88,19 @@ def random_cells(n: int, weak: int, macro: MacroConfig, seed: int = 1234) -> tup
             seen.add(g.arch_id)
             cells.append(g)
     return cells, ["weak"] * weak + ["random"] * (n - weak)
+
+
+def elastic_cells(n: int, macro: MacroConfig, resolutions: list[int], seed: int = 1234) -> list[Genotype]:
+    """n distinct uniform draws of the elastic space: cells, input resolution, depth and width."""
+    space, rng = SearchSpace(macro, resolutions, depth=True, width=True), np.random.default_rng(seed + 2)
+    cells: list[Genotype] = []
+    seen: set[str] = set()
+    while len(cells) < n:
+        g = space.sample(rng)
+        if g.arch_id not in seen:
+            seen.add(g.arch_id)
+            cells.append(g)
+    return cells
 
 
 def flops(genotype: Genotype) -> float:
@@ -157,9 +171,10 @@ def ground_truth(cells: list[Genotype], data, epochs: int, seeds: int, cache: Pa
     for s in range(seeds):
         t0 = time.perf_counter()
         for i, g in enumerate(cells):
-            key = f"{g.arch_id}:seed{s}:epochs{epochs}:test{len(data.test)}{tag}"
+            splits = splits_at(data, g.macro.resolution)
+            key = f"{g.arch_id}:seed{s}:epochs{epochs}:test{len(splits.test)}{tag}"
             if key not in store["runs"]:
-                test_acc, test_loss = train_and_score(g, data, epochs, s)
+                test_acc, test_loss = train_and_score(g, splits, epochs, s)
                 store["runs"][key] = {"acc": test_acc, "loss": test_loss}
                 if cache is not None:
                     cache.write_text(json.dumps(store, indent=1) + "\n")
@@ -183,15 +198,23 @@ def ground_truth(cells: list[Genotype], data, epochs: int, seeds: int, cache: Pa
 def ranking(args: argparse.Namespace) -> dict:
     """Estimate-vs-ground-truth ranking at one fixed macro, per training phase and BN treatment."""
     macro = macro_from_args(args)
-    data = load_dataset(args.data, macro.resolution, seed=0, train_subset=args.train_subset)
-    macro = replace(macro, in_channels=data.in_channels, classes=data.num_classes)
+    base = load_dataset(args.data, macro.resolution, seed=0, train_subset=args.train_subset)
+    macro = replace(macro, in_channels=base.in_channels, classes=base.num_classes)
+    elastic = args.cell_set == "elastic"
+    extra = sorted(set(args.resolutions) - {macro.resolution}) if elastic else []
+    # Same splits at every resolution (load_dataset resizes one deterministic split).
+    data = {macro.resolution: base, **{r: load_dataset(args.data, r, seed=0, train_subset=args.train_subset)
+                                       for r in extra}} if elastic else base
     if args.cell_set == "spanning":
         cells, kinds = spanning_cells(args.cells, macro), ["spanning"] * args.cells
+    elif elastic:
+        cells, kinds = elastic_cells(args.cells, macro, [macro.resolution, *extra]), ["elastic"] * args.cells
     else:
         cells, kinds = random_cells(args.cells, args.weak, macro)
-    tag = "" if args.data == "digits" and not args.train_subset else f":{args.data}:train{len(data.train)}"
+    tag = "" if args.data == "digits" and not args.train_subset else f":{args.data}:train{len(base.train)}"
     cfg = SupernetConfig(data=args.data, macro=macro, epochs=args.bilevel_epochs, sample_epochs=args.sample_epochs,
-                         sampling=args.sampling, seed=0, train_subset=args.train_subset)
+                         sampling=args.sampling, seed=0, train_subset=args.train_subset, resolutions=tuple(extra),
+                         elastic_depth=elastic, elastic_width=elastic, sandwich=args.sandwich, distill=args.distill)
     last = cfg.epochs + cfg.sample_epochs
     track = {last} | ({cfg.epochs} if cfg.epochs else set())
     if args.track_every > 0:
@@ -267,10 +290,12 @@ def ranking(args: argparse.Namespace) -> dict:
         ablation = {"darts_only_no_recal": darts_only["no_recal"]["acc_vs_acc"],
                     "darts_only_recal": darts_only["recal"]["acc_vs_acc"], **ablation}
     split_target = max(0.4, 0.7 * split_half) if split_half is not None else None
+    params_tau = rank_stats(params, truth_acc)["kendall"]
+    elastic_target = max(0.6, params_tau + 0.15)
     return {
         "data": args.data,
         "train_subset": args.train_subset,
-        "train_images": len(data.train),
+        "train_images": len(base.train),
         "macro": macro.to_dict(),
         "cell_set": args.cell_set,
         "cells": len(all_cells),
@@ -278,7 +303,7 @@ def ranking(args: argparse.Namespace) -> dict:
         "gt_epochs": args.gt_epochs,
         "supernet_config": {k: v for k, v in cfg.to_dict().items() if k != "macro"},
         "ground_truth": {
-            "test_images": len(data.test),
+            "test_images": len(base.test),
             "mean_test_acc_per_cell": np.round(truth_acc, 4).tolist(),
             "acc_range": [float(truth_acc.min()), float(truth_acc.max())],
             "ceiling_kendall_between_seeds": gt["ceiling_kendall"],
@@ -295,6 +320,9 @@ def ranking(args: argparse.Namespace) -> dict:
         # issue 15: tau >= max(0.4, 0.7 x split-half ceiling)
         "target_split_half": {"kendall_min": split_target, "met": final["kendall"] >= split_target if split_target else None,
                               "rule": "max(0.4, 0.7 x split-half ceiling)"},
+        # issue 15, elastic set: tau >= 0.6 and >= the parameter count's tau + 0.15
+        "target_elastic": ({"kendall_min": elastic_target, "met": final["kendall"] >= elastic_target,
+                            "rule": "max(0.6, parameter-count tau + 0.15)"} if elastic else None),
         "ablation": ablation,
         "per_epoch": phases,
         "derived": ({"after_bilevel": snapshots[cfg.epochs]["derived"].to_dict(),
@@ -304,7 +332,8 @@ def ranking(args: argparse.Namespace) -> dict:
             {"arch_id": g.arch_id, "kind": kind, "params": int(params[i]), "flops": fl[i],
              "param_free_normal": param_free_count(g), "param_free_reduce": param_free_count(g, "reduce"),
              "test_acc_per_seed": np.round(gt["acc"][i], 4).tolist(), "test_acc_mean": round(float(truth_acc[i]), 4),
-             "estimated_acc": round(float(estimated_acc[i]), 4), "genotype": g.to_dict()}
+             "estimated_acc": round(float(estimated_acc[i]), 4), "resolution": g.macro.resolution,
+             "depth": list(g.stage_depth), "width": list(g.stage_width), "genotype": g.to_dict()}
             for i, (g, kind) in enumerate(zip(all_cells, kinds + ["derived"] * (derived is not None)))
         ],
         "time_s": {"supernet_wall": supernet_wall - estimate_wall, "supernet_cpu": supernet_cpu,
@@ -377,8 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--C", type=int, help=f"macro channels (default {SMALL.C})")
     p.add_argument("--layers", type=int, help=f"macro cells (default {SMALL.layers})")
     p.add_argument("--resolution", type=int, help=f"input resolution in px (default {SMALL.resolution})")
-    p.add_argument("--cell-set", choices=("spanning", "random"), default="spanning",
-                   help="spanning: conv share 0..1; random: SearchSpace draws plus --weak low-conv cells")
+    p.add_argument("--cell-set", choices=("spanning", "random", "elastic"), default="spanning",
+                   help="spanning: conv share 0..1; random: SearchSpace draws plus --weak low-conv cells; elastic: "
+                        "draws of cells, resolution (--resolutions), depth and width, from a supernet trained elastic")
+    p.add_argument("--resolutions", type=int, nargs="*", default=[],
+                   help="--cell-set elastic: input resolutions besides --resolution")
     p.add_argument("--weak", type=int, default=3, help="--cell-set random: how many low-conv (pool/skip) cells")
     p.add_argument("--cells", type=int, default=16)
     p.add_argument("--seeds", type=int, default=8, help="stand-alone seeds per cell (3 seeds overstate the ceiling)")
@@ -386,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bilevel-epochs", type=int, default=4)
     p.add_argument("--sample-epochs", type=int, default=60)
     p.add_argument("--sampling", default="uniform")
+    p.add_argument("--sandwich", action="store_true", help="supernet steps also train the largest and smallest sub-network")
+    p.add_argument("--distill", action="store_true", help="with --sandwich: in-place distillation from the largest")
     p.add_argument("--track-every", type=int, default=10, help="estimate every N epochs too (0: final epoch only)")
     p.add_argument("--guard-epochs", type=int, default=8)
     p.add_argument("--demo-epochs", type=int, default=15)

@@ -356,6 +356,8 @@ def _add_train_supernet(sub: argparse._SubParsersAction) -> None:
         "guard": "collapse guard: none | skip_dropout | early_stop",
         "elastic_depth": "single-path steps also drop trailing normal cells per stage, so the search chooses depth",
         "elastic_width": "single-path steps also narrow each stage to 0.5/0.75/1.0 of its channels, so the search chooses width",
+        "sandwich": "single-path steps also train the largest and smallest sub-network (sandwich rule)",
+        "distill": "with --sandwich: the largest sub-network's predictions are the others' targets",
     }
     p.add_argument("--resolutions", type=int, nargs="*", default=list(d.resolutions),
                    help="extra input resolutions trained by single-path steps (elastic macro), e.g. 8 12")

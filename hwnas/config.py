@@ -99,6 +99,11 @@ class SupernetConfig:
     # Elastic width: single-path steps also run each stage at a fraction of its channels (the leading channels
     # of the shared weights), so the search can choose each architecture's width.
     elastic_width: bool = False
+    # Sandwich rule (BigNAS): each single-path step also trains the largest and the smallest sub-network (full
+    # and minimal width, depth, resolution) on the same batch and cells; `distill` lets the largest one's
+    # predictions be the others' targets (in-place distillation).
+    sandwich: bool = False
+    distill: bool = False
     epochs: int = 2  # bilevel epochs (weights on train, alphas on search-validation)
     sample_epochs: int = 20  # single-path fine-tuning epochs after the bilevel phase
     sampling: str = "uniform"  # single-path sampling: "uniform", "fair" (each op once per 7 steps) or "alpha"
@@ -131,6 +136,8 @@ class SupernetConfig:
             raise ValueError(f"elastic_depth must be true or false, got {self.elastic_depth!r}")
         if self.elastic_depth and self.sample_epochs == 0:
             raise ValueError("elastic depth is trained by single-path steps only; it needs sample_epochs > 0")
+        if self.distill and not self.sandwich:
+            raise ValueError("distill needs sandwich: the largest sub-network of the sandwich is the teacher")
         if not isinstance(self.elastic_width, bool):
             raise ValueError(f"elastic_width must be true or false, got {self.elastic_width!r}")
         if self.elastic_width and self.sample_epochs == 0:

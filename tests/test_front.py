@@ -95,6 +95,7 @@ def test_csv_and_plot(front: ParetoFront, tmp_path) -> None:
     assert json.loads(rows[0]["normal"]) == front.members[0].genotype.to_dict()["normal"]
     assert int(rows[0]["resolution"]) == front.members[0].genotype.macro.resolution
     assert json.loads(rows[0]["depth"]) == list(front.members[0].genotype.stage_depth)
+    assert json.loads(rows[0]["width"]) == list(front.members[0].genotype.stage_width)
     png = plot_fronts(front, tmp_path / "pareto.png", baseline=front)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -152,3 +152,35 @@ def test_elastic_depth_space_round_trips_and_samples_every_depth(rng):
     with pytest.raises(ValueError, match="keeps at full depth"):
         fixed.encode(shallow)
     assert not SearchSpace(MacroConfig(layers=3), depth=True).elastic_depth  # 3 layers: nothing to drop
+
+
+def test_width_is_validated_and_full_width_keeps_the_arch_id():
+    g = Genotype.from_dict(arch_dict(macro=DEEP.to_dict()))
+    assert g.stage_width == (1.0, 1.0, 1.0) and g.cell_channels == (4, 4, 8, 8, 8, 16, 16, 16)
+    same = Genotype(g.normal, g.reduce, DEEP, width=(1, 1.0, 1))
+    assert same == g and same.width == () and same.arch_id == g.arch_id and "width" not in same.to_dict()
+    narrow = Genotype(g.normal, g.reduce, DEEP, width=(0.5, 1.0, 0.75))
+    # layers 0 1 [2] 3 4 [5] 6 7: stage 1 starts at the first reduction, stage 2 at the second
+    assert narrow.cell_channels == (2, 2, 8, 8, 8, 12, 12, 12) and narrow.arch_id != g.arch_id
+    assert Genotype.from_dict(json.loads(json.dumps(narrow.to_dict()))) == narrow
+    assert narrow.to_dict()["width"] == [0.5, 1.0, 0.75]
+    for width, message in [((0.5, 0.6, 1.0), r"width\[1\] = 0.6 is not one of"), ((1.0, 1.0), "must give 3 stages"),
+                           ("wide", "list of numbers"), ((True, 1, 1), "list of numbers")]:
+        with pytest.raises(ValueError, match=message):
+            Genotype.from_dict(arch_dict(macro=DEEP.to_dict(), width=width))
+
+
+def test_elastic_width_space_round_trips_and_samples_every_width(rng):
+    space = SearchSpace(MacroConfig(C=4, layers=5, resolution=8), resolutions=[6, 8], depth=True, width=True)
+    assert space.elastic_width and space.n_var == space.cell_vars + 1 + 2 + 3
+    xl, xu = space.bounds()
+    assert list(xl[-3:]) == [0, 0, 0] and list(xu[-3:]) == [2, 2, 2]
+    seen = set()
+    for _ in range(80):
+        g = space.sample(rng)
+        assert space.decode(space.encode(g)) == g
+        seen.update(enumerate(g.stage_width))
+    assert seen == {(s, w) for s in range(3) for w in (0.5, 0.75, 1.0)}
+    narrow = next(g for g in (space.sample(rng) for _ in range(50)) if g.width)
+    with pytest.raises(ValueError, match="keeps every stage at full width"):
+        SearchSpace(MacroConfig(C=4, layers=5, resolution=8), resolutions=[6, 8], depth=True).encode(narrow)

@@ -42,3 +42,21 @@ def test_dropped_cells_leave_no_op_and_the_export_matches(rng, tmp_path):
     assert verify_onnx(path, net, torch.randn(3, 1, 8, 8)) <= 1e-4
     with pytest.raises(ValueError, match="is for 5 layers"):
         Network(shallow, MacroConfig(C=4, layers=8, resolution=8))
+
+
+def test_width_sets_each_stage_s_channels_params_and_export(rng, tmp_path):
+    from hwnas.search.problem import ParamsCounter
+
+    macro = MacroConfig(C=8, layers=5, in_channels=1, resolution=8, classes=10)
+    space = SearchSpace(macro, depth=True, width=True)
+    counter = ParamsCounter(macro)
+    for g in (space.sample(rng) for _ in range(20)):
+        assert counter.count(g) == count_params(Network(g))
+    g = space.sample(rng)
+    narrow = Genotype(g.normal, g.reduce, macro, depth=(1, 0, 1), width=(0.5, 0.75, 0.5))
+    net = Network(narrow).eval()
+    assert [c.preprocess1.op[1].out_channels for c in net.cells if hasattr(c, "ops")] == [4, 12, 16, 16]
+    assert net.classifier.in_features == 4 * 16
+    assert count_params(net) < count_params(Network(Genotype(g.normal, g.reduce, macro, depth=(1, 0, 1))))
+    path = export_onnx(net, tmp_path / "narrow.onnx", (1, 1, 8, 8))
+    assert verify_onnx(path, net, torch.randn(3, 1, 8, 8)) <= 1e-4

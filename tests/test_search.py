@@ -32,8 +32,8 @@ class Stop(Exception):
     """Raised from the progress callback to simulate an interruption."""
 
 
-def make_problem(macro: MacroConfig, **budgets: float) -> HWNASProblem:
-    return HWNASProblem(SearchSpace(macro), fake_error, fake_latency, **budgets)
+def make_problem(macro: MacroConfig, width: bool = False, **budgets: float) -> HWNASProblem:
+    return HWNASProblem(SearchSpace(macro, width=width), fake_error, fake_latency, **budgets)
 
 
 def test_params_counter_matches_built_network(tiny_macro: MacroConfig, rng: np.random.Generator) -> None:
@@ -113,10 +113,12 @@ def test_impossible_budget_returns_least_violating(tiny_macro: MacroConfig) -> N
     assert min(m.violation for m in front.members) == pytest.approx(fastest - 0.01)
 
 
-@pytest.mark.parametrize("algorithm", ["nsga2", "random"])
-def test_resume_gives_the_uninterrupted_front(tiny_macro: MacroConfig, tmp_path, algorithm: str) -> None:
+@pytest.mark.parametrize("algorithm, width", [("nsga2", False), ("random", False), ("nsga2", True)])
+def test_resume_gives_the_uninterrupted_front(tiny_macro: MacroConfig, tmp_path, algorithm: str, width: bool) -> None:
     cfg = SearchConfig(pop=10, gens=7, seed=3, algorithm=algorithm, max_params_m=0.012)
-    full = search(make_problem(tiny_macro, max_params_m=0.012), cfg)
+    full = search(make_problem(tiny_macro, width, max_params_m=0.012), cfg)
+    if width:  # the search chose widths, and they survive the resume
+        assert len({m.genotype.width for m in full.members}) > 1
     ckpt = tmp_path / "checkpoint.json"
 
     def interrupt(info: dict) -> None:
@@ -124,10 +126,10 @@ def test_resume_gives_the_uninterrupted_front(tiny_macro: MacroConfig, tmp_path,
             raise Stop
 
     with pytest.raises(Stop):
-        search(make_problem(tiny_macro, max_params_m=0.012), cfg, checkpoint=ckpt, progress=interrupt)
+        search(make_problem(tiny_macro, width, max_params_m=0.012), cfg, checkpoint=ckpt, progress=interrupt)
     saved = json.loads(ckpt.read_text())
     assert saved["generation"] == 3 and "rng" in saved
-    resumed = search(make_problem(tiny_macro, max_params_m=0.012), cfg, resume=ckpt, checkpoint=ckpt)
+    resumed = search(make_problem(tiny_macro, width, max_params_m=0.012), cfg, resume=ckpt, checkpoint=ckpt)
     assert resumed.to_dict() == full.to_dict()
 
 

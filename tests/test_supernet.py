@@ -195,3 +195,110 @@ def test_skip_table_matches_skippable():
     assert skip_table(w.requires_grad_()) == [None]
     with torch.no_grad():
         assert skip_table(w, w * 0) == [[[True, False, True], [False, True, False]], [[True] * 3, [True] * 3]]
+
+
+def _copy_sliced(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Load a discrete layer from the leading channels of a supernet layer (what elastic width shares)."""
+    from hwnas.space.elastic import block_channels
+    from hwnas.space.ops import FactorizedReduce
+
+    def conv(d, s):
+        out, c_in = d.weight.shape[:2]
+        w = s.weight[:out]
+        d.weight.copy_(w if d.groups > 1 else w[:, block_channels(s.in_channels, s.in_blocks, c_in)])
+
+    def bn(d, s, idx):
+        d.running_mean.copy_(s.running_mean[idx])
+        d.running_var.copy_(s.running_var[idx])
+        if s.affine:
+            d.weight.copy_(s.weight[idx])
+            d.bias.copy_(s.bias[idx])
+
+    if isinstance(dst, FactorizedReduce):  # its BatchNorm holds [conv_1's | conv_2's] channels
+        conv(dst.conv_1, src.conv_1)
+        conv(dst.conv_2, src.conv_2)
+        a, b, half = dst.conv_1.out_channels, dst.conv_2.out_channels, src.conv_1.out_channels
+        bn(dst.bn, src.bn, torch.cat([torch.arange(a), torch.arange(half, half + b)]))
+        return
+    for d, s in zip(dst.modules(), src.modules()):
+        if isinstance(d, torch.nn.Conv2d):
+            conv(d, s)
+        elif isinstance(d, torch.nn.BatchNorm2d):
+            bn(d, s, slice(0, d.num_features))
+
+
+def _sliced_network(supernet: Supernet, g: Genotype) -> Network:
+    """Network(g) holding the supernet's weights of g's ops at g's width."""
+    from hwnas.space.elastic import block_channels
+    from hwnas.space.ops import PRIMITIVES
+    from hwnas.space.supernet import edge_index
+
+    net = Network(g)
+    with torch.no_grad():
+        _copy_sliced(net.stem, supernet.stem)
+        for cell, scell in zip(net.cells, supernet.cells):
+            if not hasattr(cell, "ops"):
+                continue  # dropped by the depth
+            _copy_sliced(cell.preprocess0, scell.preprocess0)
+            _copy_sliced(cell.preprocess1, scell.preprocess1)
+            for k, (op, inp) in enumerate(g.reduce if cell.reduction else g.normal):
+                _copy_sliced(cell.ops[k], scell.edges[edge_index(k // 2, inp)].ops[PRIMITIVES.index(op)])
+        cols = block_channels(supernet.classifier.in_features, 4, net.classifier.in_features)
+        net.classifier.weight.copy_(supernet.classifier.weight[:, cols])
+        net.classifier.bias.copy_(supernet.classifier.bias)
+    return net
+
+
+WIDE_OPS = ("skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("training", [False, True])
+def test_supernet_at_a_width_equals_the_network_at_that_width_with_the_same_weights(rng, backend, training):
+    """Elastic width: the supernet run at a genotype's width (leading channels of its weights) computes what
+    Network(genotype) computes with those weights, at every width, with cells dropped too, in eval mode and in
+    training mode (batch statistics). Pools are left out: the supernet's end in a BatchNorm the network lacks."""
+    macro = MacroConfig(C=8, layers=5, resolution=8)
+    supernet = Supernet(macro)
+    supernet.set_backend(backend)
+    with torch.no_grad():
+        for m in supernet.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    space = SearchSpace(macro, depth=True, width=True)
+    widths = set()
+    for _ in range(6):
+        g = space.sample(rng)
+        cells = [tuple((WIDE_OPS[rng.integers(len(WIDE_OPS))], i) for _, i in c) for c in (g.normal, g.reduce)]
+        g = Genotype(cells[0], cells[1], macro, depth=g.depth, width=g.width)
+        widths.add(g.width)
+        net = _sliced_network(supernet, g)
+        supernet.train(training)
+        net.train(training)
+        x = torch.randn(4, 1, 8, 8)
+        with torch.no_grad():
+            y = supernet(x, supernet.genotype_weights(g), g.active_cells, g.cell_channels)
+            torch.testing.assert_close(y, net(x), rtol=1e-4, atol=1e-5)
+    assert len(widths) > 2
+
+
+def test_a_narrow_step_trains_only_the_leading_channels(rng):
+    """Gradients and BatchNorm statistics of a narrow single-path step reach the shared weights' leading
+    channels only; channels outside every kept slice are untouched."""
+    macro = MacroConfig(C=8, layers=3, resolution=8)
+    supernet = Supernet(macro).train()
+    g = SearchSpace(macro, width=True).sample(rng)
+    g = Genotype(g.normal, g.reduce, macro, width=(0.5, 0.5, 0.5))
+    before = {k: v.clone() for k, v in supernet.state_dict().items()}
+    F.cross_entropy(supernet(torch.randn(4, 1, 8, 8), supernet.genotype_weights(g), None, g.cell_channels),
+                    torch.tensor([0, 1, 2, 3])).backward()
+    cell0 = supernet.cells[0]
+    pre = cell0.preprocess1.op
+    assert pre[1].weight.grad[4:].abs().sum() == 0 and pre[1].weight.grad[:4].abs().sum() > 0
+    assert torch.equal(pre[2].running_mean[4:], before["cells.0.preprocess1.op.2.running_mean"][4:])
+    assert not torch.equal(pre[2].running_mean[:4], before["cells.0.preprocess1.op.2.running_mean"][:4])
+    head = supernet.classifier.weight.grad.reshape(10, 4, 32)  # 4 node blocks of the last cell's 32 channels
+    assert head[:, :, 16:].abs().sum() == 0 and head[:, :, :16].abs().sum() > 0
+    with pytest.raises(ValueError, match="channels must give each of the 3 cells"):
+        supernet(torch.randn(1, 1, 8, 8), supernet.genotype_weights(g), None, (4, 8))

@@ -29,10 +29,10 @@ def _model_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / CHECKPOINT_FILE, weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("extra_resolutions", [(), (4,)])
+@pytest.mark.parametrize("extra_resolutions, elastic_width", [((), False), ((4,), False), ((4,), True)])
 def test_resume_after_interruption_equals_uninterrupted_run(cfg: SupernetConfig, tmp_path: Path,
-                                                           extra_resolutions: tuple[int, ...]) -> None:
-    cfg = replace(cfg, resolutions=extra_resolutions)
+                                                           extra_resolutions: tuple[int, ...], elastic_width: bool) -> None:
+    cfg = replace(cfg, resolutions=extra_resolutions, elastic_width=elastic_width)
     straight = train_supernet(cfg, tmp_path / "straight")
 
     def interrupt(done: int, total: int, info: dict) -> None:
@@ -172,8 +172,8 @@ def test_elastic_depth_supernet_drops_cells_and_estimates_each_depth(cfg: Supern
 
     seen: list[tuple[bool, ...] | None] = []
     forward = Supernet.forward
-    monkeypatch.setattr(Supernet, "forward", lambda self, x, w=None, active=None: (seen.append(active and tuple(active)),
-                                                                                   forward(self, x, w, active))[1])
+    monkeypatch.setattr(Supernet, "forward", lambda self, x, w=None, active=None, *rest: (
+        seen.append(active and tuple(active)), forward(self, x, w, active, *rest))[1])
     macro = MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=CLASSES)
     cfg = replace(cfg, macro=macro, epochs=1, sample_epochs=2, elastic_depth=True)
     supernet, cfg = load_supernet(train_supernet(cfg, tmp_path / "run"))
@@ -191,3 +191,49 @@ def test_elastic_depth_supernet_drops_cells_and_estimates_each_depth(cfg: Supern
     assert (True, True, False, True, False) in seen and None not in seen  # recalibration and evaluation both drop cells
     with pytest.raises(ValueError, match="elastic depth is trained by single-path steps only"):
         replace(cfg, sample_epochs=0)
+
+
+def test_elastic_width_supernet_narrows_stages_and_estimates_each_width(cfg: SupernetConfig, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hwnas.space.supernet import Supernet
+
+    seen: list[tuple[int, ...] | None] = []
+    forward = Supernet.forward
+    monkeypatch.setattr(Supernet, "forward", lambda self, x, w=None, active=None, channels=None: (
+        seen.append(channels and tuple(channels)), forward(self, x, w, active, channels))[1])
+    macro = MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=CLASSES)
+    cfg = replace(cfg, macro=macro, epochs=1, sample_epochs=2, elastic_width=True)
+    supernet, cfg = load_supernet(train_supernet(cfg, tmp_path / "run"))
+    assert cfg.elastic_width and SupernetConfig.from_dict(cfg.to_dict()) == cfg
+    assert None in seen  # the bilevel epoch runs at full width
+    assert len({c for c in seen if c is not None}) >= 3  # single-path steps draw widths
+    g = SearchSpace(macro, width=True).sample(np.random.default_rng(0))
+    wide, narrow = (Genotype(g.normal, g.reduce, macro, width=w) for w in ((), (0.5, 0.75, 0.5)))
+    seen.clear()
+    est = AccuracyEstimator(supernet, load_dataset(cfg.data, 8, cfg.seed), calib_batches=1, batch_size=8)
+    errors = est.error([wide, narrow])
+    assert np.all((errors >= 0) & (errors <= 1)) and len(est._cache) == 2
+    assert narrow.cell_channels in seen  # recalibration and evaluation both run narrow
+    with pytest.raises(ValueError, match="elastic width is trained by single-path steps only"):
+        replace(cfg, sample_epochs=0)
+
+
+def test_sandwich_steps_train_the_largest_and_smallest_sub_networks_too(cfg: SupernetConfig, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from hwnas.space.supernet import Supernet
+
+    seen: list[tuple] = []
+    forward = Supernet.forward
+    monkeypatch.setattr(Supernet, "forward", lambda self, x, w=None, active=None, channels=None: (
+        seen.append((x.shape[-1], active and tuple(active), channels and tuple(channels))),
+        forward(self, x, w, active, channels))[1])
+    macro = MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=CLASSES)
+    cfg = replace(cfg, macro=macro, epochs=0, sample_epochs=1, resolutions=(4,), elastic_depth=True,
+                  elastic_width=True, sandwich=True, distill=True)
+    train_supernet(cfg, tmp_path / "run")
+    steps = [seen[i:i + 3] for i in range(0, len(seen), 3)]
+    assert len(seen) % 3 == 0 and len(steps) > 1
+    assert all(big == (8, None, None) for big, _, _ in steps)
+    assert all(small == (4, (True, True, False, True, False), (2, 4, 4, 8, 8)) for _, small, _ in steps)
+    with pytest.raises(ValueError, match="distill needs sandwich"):
+        replace(cfg, sandwich=False)

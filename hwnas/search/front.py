@@ -185,19 +185,21 @@ class ParetoFront:
         return cls.from_dict(data, source=str(path))
 
     def save_csv(self, path: str | Path) -> Path:
-        """Write front.csv: one row per member, objectives, input resolution, depth and the cells as compact JSON."""
+        """Write front.csv: one row per member, objectives, input resolution, depth, width and the cells as compact JSON."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(fd, "w", newline="") as fh:
                 writer = csv.writer(fh)
-                writer.writerow(["arch_id", *OBJECTIVES, "accuracy", "violation", "resolution", "depth", "normal", "reduce"])
+                writer.writerow(["arch_id", *OBJECTIVES, "accuracy", "violation", "resolution", "depth", "width", "normal",
+                                 "reduce"])
                 for m in self.members:
                     d = m.genotype.to_dict()
                     writer.writerow([m.arch_id, f"{m.error:.6f}", f"{m.latency_ms:.6f}", f"{m.params_m:.6f}",
                                      f"{1 - m.error:.6f}", f"{m.violation:.6g}", m.genotype.macro.resolution,
                                      json.dumps(list(m.genotype.stage_depth), separators=(",", ":")),
+                                     json.dumps(list(m.genotype.stage_width), separators=(",", ":")),
                                      json.dumps(d["normal"], separators=(",", ":")),
                                      json.dumps(d["reduce"], separators=(",", ":"))])
             os.replace(tmp, path)
@@ -208,12 +210,14 @@ class ParetoFront:
 
 
 def _macro_label(genotype: Genotype, members: list[FrontMember]) -> str:
-    """"6px", "d1-0-1" or both, for whichever of resolution and depth differs between `members`."""
+    """"6px", "d1-0-1", "w.5-1-.75" or several, for whichever of resolution, depth and width differs between `members`."""
     parts = []
     if len({m.genotype.macro.resolution for m in members}) > 1:
         parts.append(f"{genotype.macro.resolution}px")
     if len({m.genotype.stage_depth for m in members}) > 1:
         parts.append("d" + "-".join(map(str, genotype.stage_depth)))
+    if len({m.genotype.stage_width for m in members}) > 1:
+        parts.append("w" + "-".join(f"{w:g}".lstrip("0") for w in genotype.stage_width))
     return " ".join(parts)
 
 
@@ -246,7 +250,7 @@ def plot_fronts(front: ParetoFront, path: str | Path, baseline: ParetoFront | No
                    edgecolors="k", linewidths=0.5, label=f"{label}: {len(pts)} members, HV {f.hypervolume:.4f}")
         best = np.minimum.accumulate(err)  # the error-latency staircase of the 3-objective front
         ax.step(lat, best, where="post", color=color, alpha=0.5)
-        for m, x, y in zip(pts, lat, err):  # elastic macro: say which point has which resolution and depth
+        for m, x, y in zip(pts, lat, err):  # elastic macro: say which point has which resolution, depth, width
             label = _macro_label(m.genotype, pts)
             if label:
                 ax.annotate(label, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, color=color)

@@ -71,7 +71,7 @@ def build_problem(supernet_dir: str | Path, profile_path: str | Path | Sequence[
 
     One profile: architectures at the supernet's macro. Several (one per resolution the supernet was
     trained at): the search also chooses each architecture's input resolution among the profiled ones.
-    A supernet trained with elastic depth lets the search choose each architecture's depth too.
+    A supernet trained with elastic depth (width) lets the search choose each architecture's depth (width) too.
     `valid_subset` estimates on the first N validation images only (a cheaper, noisier estimate).
     """
     from hwnas.predictors import ByMacroPredictor
@@ -86,7 +86,7 @@ def build_problem(supernet_dir: str | Path, profile_path: str | Path | Sequence[
     if valid_subset is not None:
         data = {r: _first_valid(data[r], valid_subset) for r in resolutions}
     estimator = AccuracyEstimator(supernet, data, **(estimator_kwargs or {}))
-    space = SearchSpace(sn_cfg.macro, resolutions, depth=sn_cfg.elastic_depth)
+    space = SearchSpace(sn_cfg.macro, resolutions, depth=sn_cfg.elastic_depth, width=sn_cfg.elastic_width)
     return HWNASProblem(space, estimator.error, predictor.predict,
                         max_latency_ms=cfg.max_latency_ms, max_params_m=cfg.max_params_m)
 

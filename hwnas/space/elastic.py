@@ -54,14 +54,16 @@ class ElasticConv2d(nn.Conv2d):
 class ElasticBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm over the input's channels, `offset` onward; a narrower training pass updates only their statistics."""
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int = 0, count: bool = True) -> torch.Tensor:
+        """`count`: False for the second part of one batch normalised in two calls (its batch is counted once)."""
         c = x.shape[1]
         if c == self.num_features and offset == 0:
             return super().forward(x)
         use_batch = self.training or self.running_mean is None
         factor = 0.0
         if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
+            if count:
+                self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         part = slice(offset, offset + c)
         return F.batch_norm(
@@ -107,7 +109,7 @@ class ElasticFactorizedReduce(FactorizedReduce):
         a = self.conv_1(x, out // 2)
         b = self.conv_2(shifted, out - out // 2)
         # The BatchNorm's channels are [conv_1's | conv_2's]: each half normalises with its own statistics.
-        return torch.cat([self.bn(a), self.bn(b, offset=self.conv_1.out_channels)], dim=1)
+        return torch.cat([self.bn(a), self.bn(b, offset=self.conv_1.out_channels, count=False)], dim=1)
 
 
 _ELASTIC = {

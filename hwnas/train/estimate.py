@@ -85,14 +85,14 @@ class AccuracyEstimator:
         saved = _bn_state(net) if self.recalibrate_bn else None
         try:
             if self.recalibrate_bn:
-                _recalibrate(net, weights, genotype.active_cells, self._calibration_images(splits), self.batch_size, device)
+                _recalibrate(net, weights, genotype, self._calibration_images(splits), self.batch_size, device)
             net.eval()
             x_eval, y_eval = getattr(splits, self.split).tensors
             wrong, loss_sum = 0, 0.0
             for start in range(0, len(x_eval), self.batch_size):
                 x = x_eval[start : start + self.batch_size].to(device)
                 y = y_eval[start : start + self.batch_size].to(device)
-                logits = net(x, weights, genotype.active_cells)
+                logits = net(x, weights, genotype.active_cells, genotype.cell_channels)
                 loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
                 wrong += int((logits.argmax(1) != y).sum())
         finally:
@@ -121,7 +121,7 @@ def _restore_bn(saved: BNState) -> None:
 
 
 def _recalibrate(
-    net: Supernet, weights: tuple[torch.Tensor, torch.Tensor], active: tuple[bool, ...], calib: torch.Tensor,
+    net: Supernet, weights: tuple[torch.Tensor, torch.Tensor], genotype: Genotype, calib: torch.Tensor,
     batch_size: int, device: torch.device,
 ) -> None:
     """Re-estimate BatchNorm statistics for one sub-network: cumulative average over the calibration batches."""
@@ -131,5 +131,5 @@ def _recalibrate(
             m.momentum = None  # cumulative moving average: every calibration batch counts equally
     net.train()
     for start in range(0, len(calib), batch_size):
-        net(calib[start : start + batch_size].to(device), weights, active)
+        net(calib[start : start + batch_size].to(device), weights, genotype.active_cells, genotype.cell_channels)
 

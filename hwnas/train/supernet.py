@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from hwnas.config import MacroConfig, SupernetConfig
 from hwnas.data import DataSplits, MultiResolutionData, load_dataset
-from hwnas.space.genotype import MIN_STAGE_DEPTH, STEPS, Genotype, active_cells, stage_depths
+from hwnas.space.genotype import (MIN_STAGE_DEPTH, N_STAGES, STEPS, WIDTH_CHOICES, Genotype, active_cells,
+                                  cell_channels, stage_depths)
 from hwnas.space.ops import GENOTYPE_OPS, PRIMITIVES
 from hwnas.space.supernet import Supernet, edge_index
 from hwnas.jsonio import atomic_write_json, dumps, load_json, parse_json
@@ -133,6 +134,7 @@ def train_supernet(
         sums = {"loss": 0.0, "correct": 0.0, "n": 0, "valid_loss": 0.0, "valid_n": 0}
         for step in range(steps_per_epoch):
             active = None  # every cell; single-path steps of an elastic-depth supernet drop some
+            channels = None  # full width; single-path steps of an elastic-width supernet narrow stages
             idx = train_perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x, y = x_train[idx], y_train[idx]
             if bilevel:
@@ -159,13 +161,25 @@ def train_supernet(
                     x = x_train_at[resolutions[int(np_rng.integers(len(resolutions)))]][idx]
                 if cfg.elastic_depth:  # drawn last, for the same reason
                     active = active_cells(cfg.macro, sample_depth(cfg.macro, np_rng))
+                if cfg.elastic_width:  # after depth, so supernets without elastic width keep their sequence
+                    channels = cell_channels(cfg.macro, sample_width(np_rng))
+            paths = [(x, active, channels)]
+            if not bilevel and cfg.sandwich:  # the largest and smallest sub-network beside the sampled one
+                paths = [*sandwich_paths(cfg, x, idx, x_train_at), *paths]
             w_opt.zero_grad(set_to_none=True)
-            logits = supernet(x, weights, active)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
+            teacher = None
+            for k, (xp, act, ch) in enumerate(paths):
+                logits = supernet(xp, weights, act, ch)
+                if teacher is not None:  # in-place distillation: the largest sub-network teaches the others
+                    loss = F.kl_div(F.log_softmax(logits, 1), teacher, reduction="batchmean")
+                else:
+                    loss = F.cross_entropy(logits, y)
+                (loss / len(paths)).backward()
+                if cfg.distill and len(paths) > 1 and k == 0:
+                    teacher = F.softmax(logits.detach(), 1)
             torch.nn.utils.clip_grad_norm_(list(supernet.weight_parameters()), cfg.grad_clip)
             w_opt.step()
-            loss = loss.detach()
+            loss = F.cross_entropy(logits.detach(), y)  # the sampled sub-network's (the last path's)
             sums["loss"] += loss.item() * len(y)
             sums["correct"] += float((logits.argmax(1) == y).sum())
             sums["n"] += len(y)
@@ -254,6 +268,22 @@ def sample_genotype(
 def sample_depth(macro: MacroConfig, rng: np.random.Generator) -> tuple[int, ...]:
     """Normal cells kept per stage, each stage's count uniform over its range (elastic depth)."""
     return tuple(int(rng.integers(lo, hi + 1)) for lo, hi in zip(MIN_STAGE_DEPTH, stage_depths(macro)))
+
+
+def sandwich_paths(cfg: SupernetConfig, x: torch.Tensor, idx: torch.Tensor,
+                   x_train_at: dict[int, torch.Tensor]) -> list[tuple[torch.Tensor, tuple[bool, ...] | None, tuple[int, ...] | None]]:
+    """(input, active cells, channels) of the largest and the smallest sub-network (BigNAS sandwich rule)."""
+    res = cfg.all_resolutions
+    big_x = x_train_at[res[-1]][idx] if x_train_at else x
+    small_x = x_train_at[res[0]][idx] if x_train_at else x
+    small_active = active_cells(cfg.macro, MIN_STAGE_DEPTH) if cfg.elastic_depth else None
+    small_channels = cell_channels(cfg.macro, (min(WIDTH_CHOICES),) * N_STAGES) if cfg.elastic_width else None
+    return [(big_x, None, None), (small_x, small_active, small_channels)]
+
+
+def sample_width(rng: np.random.Generator) -> tuple[float, ...]:
+    """Channel fraction per stage, each uniform over WIDTH_CHOICES (elastic width)."""
+    return tuple(WIDTH_CHOICES[int(i)] for i in rng.integers(len(WIDTH_CHOICES), size=N_STAGES))
 
 
 def _requires_grad(params, flag: bool) -> None:
