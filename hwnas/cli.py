@@ -442,6 +442,7 @@ def _profile(args: argparse.Namespace) -> int:
         macro = MacroConfig.load(args.macro)  # errors name the file
     cfg = ProfileConfig(device=args.device, threads=args.threads, budget_min=args.budget_min, out=args.out,
                         provider=args.provider, provider_options=_provider_options(args), resume=args.resume, quick=args.quick, macro=macro, seed=args.seed,
+                        elastic_width=not args.no_elastic_width,
                         **{k: v for k, v in (("n_calibration", args.n_calibration), ("n_validation", args.n_validation),
                                               ("runs", args.runs), ("rounds", args.rounds)) if v is not None})
     _writable_file(default_out(cfg), "--out")  # before the minutes of timing
@@ -571,6 +572,8 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its .partial.json")
     p.add_argument("--quick", action="store_true", help="small sets, fewer runs: about 2 minutes")
     p.add_argument("--macro", default=None, help="JSON file with a macro config (default: the built-in one)")
+    p.add_argument("--no-elastic-width", action="store_true",
+                   help="time full-width networks only (fewer blocks; such a profile cannot predict narrowed networks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-calibration", type=int, default=None)
     p.add_argument("--n-validation", type=int, default=None)
@@ -623,7 +626,7 @@ def _predict(args: argparse.Namespace) -> int:
         require_settings([profile], args.provider)
         if not args.rescale:  # --rescale times the sentinel anyway and scales by it
             validate_here(profile, trust=args.trust_profile)
-        # ByMacroPredictor gives each elastic depth its own table from this profile.
+        # ByMacroPredictor gives each elastic depth and width its own table from this profile.
         ms[rows] = ByMacroPredictor.from_profiles([profile], args.predictor).predict([genotypes[i] for i in rows])
         entry: dict[str, Any] = {"profile": profile.name, "resolution": macro.resolution,
                                  "predictor": args.predictor or profile.default_predictor,

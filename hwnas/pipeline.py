@@ -51,14 +51,17 @@ PLANS = {
 # trains the supernet at about 600 images/s at 16 px and 250 at 28 px, so the quick plan searches at 16 px
 # only, on a stratified subset, and the full plan adds 28 px. Validation (the estimate's split) is 5 % of
 # the training set, 3 000 images: enough to rank, cheap to classify once per evaluated architecture.
+# Elastic width (0.5/0.75/1.0 of each stage's channels) reaches the small, fast end of the front that cells
+# and depth alone do not; the run measures its own profile for this macro, which then covers every width.
 _MNIST_MACRO = MacroConfig(C=12, layers=5, in_channels=1, resolution=16, classes=10)
 MNIST_PLANS = {
     "quick": RunPlan(SupernetConfig(data="fashion-mnist", macro=_MNIST_MACRO, epochs=0, sample_epochs=20,
-                                    elastic_depth=True, train_subset=10000, valid_fraction=0.05),
+                                    elastic_depth=True, elastic_width=True, train_subset=10000, valid_fraction=0.05),
                      SearchConfig(pop=12, gens=10, max_params_m=0.1), train_epochs=8, train_members=2,
                      train_seeds=3, profile_quick=True),
     "full": RunPlan(SupernetConfig(data="fashion-mnist", macro=_MNIST_MACRO, epochs=0, sample_epochs=40,
-                                   resolutions=(28,), elastic_depth=True, train_subset=30000, valid_fraction=0.05),
+                                   resolutions=(28,), elastic_depth=True, elastic_width=True, train_subset=30000,
+                                   valid_fraction=0.05),
                     SearchConfig(pop=24, gens=16, max_params_m=0.1), train_epochs=15, train_members=4,
                     train_seeds=3, profile_quick=False),
 }
@@ -93,7 +96,8 @@ def pick_members(errors: list[float], latencies: list[float], k: int) -> list[in
 def _profile_for(macro: MacroConfig, out_dir: Path, plan: RunPlan,
                  progress: Callable[[str, Any], Callable | None] | None) -> Path:
     """A quick profile this run measured before, else the shipped profile of `macro` for this CPU if its sentinel
-    runs here as profiled, else a quick one measured now into out_dir (kept for reruns)."""
+    runs here as profiled (and, for an elastic-width plan, it covers every width), else a quick one measured now
+    into out_dir (kept for reruns)."""
     from hwnas.jsonio import atomic_write_json, load_json
     from hwnas.profiling import default_profile_path
     from hwnas.profiling.device_profile import DeviceProfile
@@ -106,7 +110,7 @@ def _profile_for(macro: MacroConfig, out_dir: Path, plan: RunPlan,
         return path
     if chosen.exists():
         return Path(load_json(chosen, "profile choice")["profile"])
-    shipped = default_profile_path(macro)
+    shipped = default_profile_path(macro, elastic_width=plan.supernet.elastic_width)
     if shipped is not None:
         check = check_sentinel(DeviceProfile.load(shipped, expected_macro=macro))
         if check.ok:
@@ -116,7 +120,7 @@ def _profile_for(macro: MacroConfig, out_dir: Path, plan: RunPlan,
     else:
         log.info("no shipped profile matches this machine and macro %s; measuring a quick one into %s", macro.to_dict(), path)
     profile_device(ProfileConfig(device="this-device", quick=plan.profile_quick, out=str(path), resume=True, macro=macro,
-                                 **plan.profile_sizes),
+                                 elastic_width=plan.supernet.elastic_width, **plan.profile_sizes),
                    progress=progress("profile", plan) if progress else None)
     return path
 

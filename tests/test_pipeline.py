@@ -1,7 +1,16 @@
 """`hwnas run` plans and the choice of members trained stand-alone (the pipeline itself runs in benchmarks/search.py)."""
 from __future__ import annotations
 
+import pytest
+
 from hwnas.pipeline import pick_members
+
+
+def _evaluated(out) -> list[list[int]]:
+    """The encodings of every architecture the tiny run's NSGA-II evaluated (its checkpoint's archive)."""
+    import json
+
+    return [e["x"] for e in json.loads((out / "search" / "checkpoint.json").read_text())["archive"]]
 
 
 def test_trained_members_include_most_accurate_and_fastest() -> None:
@@ -13,17 +22,22 @@ def test_trained_members_include_most_accurate_and_fastest() -> None:
     assert pick_members(err, lat, 10) == list(range(6))
 
 
-def test_hwnas_run_end_to_end_on_a_tiny_plan(tmp_path, tiny_spec, fake_device, monkeypatch, capsys) -> None:
-    """`hwnas run --quick` through main() with a tiny plan: every stage's files, a passing report, exit 0."""
+@pytest.mark.parametrize("elastic", [False, True])
+def test_hwnas_run_end_to_end_on_a_tiny_plan(tmp_path, tiny_spec, fake_device, monkeypatch, capsys, elastic) -> None:
+    """`hwnas run --quick` through main() with a tiny plan: every stage's files, a passing report, exit 0; with
+    elastic depth and width, the profile covers every width and the exported networks have the chosen widths."""
     import json
+
+    from hwnas.profiling.device_profile import DeviceProfile
+    from hwnas.space import Genotype, Network, count_params
 
     from hwnas import pipeline
     from hwnas.cli import main
     from hwnas.config import MacroConfig, SearchConfig, SupernetConfig
 
     tiny = pipeline.RunPlan(
-        SupernetConfig(data=tiny_spec, macro=MacroConfig(C=4, layers=3, resolution=8), epochs=0, sample_epochs=1,
-                       batch_size=16),
+        SupernetConfig(data=tiny_spec, macro=MacroConfig(C=4, layers=5, resolution=8), epochs=0, sample_epochs=1,
+                       batch_size=16, elastic_depth=elastic, elastic_width=elastic),
         SearchConfig(pop=4, gens=2), train_epochs=1, train_members=1, train_seeds=1, profile_quick=False,
         profile_sizes={"n_calibration": 8, "n_validation": 4, "runs": 2, "rounds": 2, "warmup": 0})
     monkeypatch.setitem(pipeline.PLANS, "quick", tiny)
@@ -39,6 +53,14 @@ def test_hwnas_run_end_to_end_on_a_tiny_plan(tmp_path, tiny_spec, fake_device, m
     assert sum(r["trained_epochs"] == 1 for r in report["members"]) == 1  # one member trained stand-alone
     assert all(r["measured_latency_ms"] is not None for r in report["members"])
     assert f"{report['summary']['n']}/{report['summary']['n']} passed all checks" in printed
+    assert DeviceProfile.load(out / "profile-8px.json").covers_width(None) == elastic
+    members = [Genotype.from_dict(m["arch"]) for m in front["members"]]
+    assert all(abs(count_params(Network(g)) / 1e6 - m["params_m"]) < 1e-9 for g, m in zip(members, front["members"]))
+    evaluated = _evaluated(out)
+    # 32 cell variables, then with elastic depth and width 2 depth and 3 width variables (5 layers)
+    assert {len(x) for x in evaluated} == {32 + 5 * elastic}
+    if elastic:  # the search drew narrowed networks
+        assert any(x[-3:] != [2, 2, 2] for x in evaluated)
 
 
 def test_run_plans_by_data_set() -> None:

@@ -201,3 +201,95 @@ def test_op_costs_are_counted_per_instance_across_depths(rng):
     full, shallow = replace(gs[0], depth=()), replace(gs[0], depth=(1, 0, 0))
     got = pred.predict([full])[0] - shallow_pred.predict([shallow])[0]
     assert got == pytest.approx(truth(full) - truth(shallow), rel=0.02)
+
+
+def width_blocks(macro, rng, elastic_width=True):
+    """A blocks section with made-up timings of every block and fixed part a profile of `macro` times."""
+    from hwnas.profiling.blocks import blocks_section, fixed_blocks
+    from hwnas.profiling.profiler import sentinel_genotype
+
+    fixed = {n: float(rng.uniform(0.001, 0.01)) for n in fixed_blocks(macro, sentinel_genotype(macro), elastic_width)}
+    ops = {b.key: float(rng.uniform(0.001, 0.05)) for b in op_blocks(macro, elastic_width)}
+    return blocks_section(0.01, fixed, ops, elastic_width)
+
+
+def slow_latency(genotype, blocks):
+    """The definition at any depth and width: overhead, that width's fixed parts and blocks of the kept cells."""
+    from hwnas.profiling.blocks import fixed_block_kept, fixed_names
+
+    macro, active = genotype.macro, genotype.active_cells
+    all_fixed = {**blocks["fixed_ms"], **blocks["width_fixed_ms"]}
+    total = blocks["overhead_ms"] + sum(all_fixed[n] for p, n in fixed_names(macro, genotype.width).items()
+                                        if fixed_block_kept(p, active))
+    for cell in cell_shapes(macro, genotype.width):
+        if active[cell.index]:
+            for op, inp in genotype.reduce if cell.reduction else genotype.normal:
+                total += blocks["ops_ms"][pair_block(cell, op, inp).key]
+    return total
+
+
+def test_prediction_at_a_width_is_the_sum_of_that_widths_blocks_and_the_fit_carries_over(rng):
+    """Each (depth, width) gets its own tables from the same blocks; the fitted coefficients apply to all of them."""
+    from hwnas.config import MacroConfig
+    from hwnas.predictors import ScaledBlockSumPredictor
+    from hwnas.profiling.blocks import FULL_SHAPE, shape_tables
+
+    macro = MacroConfig(C=4, layers=5, in_channels=1, resolution=8, classes=10)
+    blocks = width_blocks(macro, rng)
+    gs = [SearchSpace(macro, depth=True, width=True).sample(rng) for _ in range(60)]
+    assert len({g.width for g in gs}) > 10 and len({g.depth for g in gs}) > 1
+    tables = shape_tables(macro, blocks, [g.shape_key for g in gs])
+    full = BlockSumPredictor(*tables[FULL_SHAPE]).fit([], [])
+    for g in gs:
+        t = tables[g.shape_key]
+        moved = full.with_blocks(t.table, t.fixed_ms, g.depth, t.counts, width=g.width)
+        assert moved.shape_key == g.shape_key
+        assert moved.predict([g])[0] == pytest.approx(slow_latency(g, blocks), rel=1e-12)
+    narrow = next(g for g in gs if g.width)
+    with pytest.raises(ValueError, match=r"covers depth full, width full, .* width \["):
+        full.predict([narrow])
+    # A scale fitted on networks of every shape is recovered, and predicts held-out shapes exactly.
+    y = np.array([0.002 + tables[g.shape_key].fixed_ms + 1.3 * (slow_latency(g, blocks) - tables[g.shape_key].fixed_ms)
+                  for g in gs])
+    pred = ScaledBlockSumPredictor(*tables[FULL_SHAPE]).fit(gs[:40], y[:40], tables=tables)
+    assert pred.coef_[0] == pytest.approx(1.3, rel=1e-3)
+    held = [pred.with_blocks(*tables[g.shape_key][:2], g.depth, width=g.width).predict([g])[0] for g in gs[40:]]
+    np.testing.assert_allclose(held, y[40:], rtol=1e-3)
+    with pytest.raises(ValueError, match="need their block table"):
+        ScaledBlockSumPredictor(*tables[FULL_SHAPE]).fit([narrow], [1.0])
+
+
+def test_blocks_without_widths_refuse_a_width_clearly(tiny_macro, rng):
+    from hwnas.profiling.blocks import shape_table, shape_tables
+
+    blocks = width_blocks(tiny_macro, rng, elastic_width=False)
+    assert blocks["width_choices"] == [1.0] and not blocks["width_fixed_ms"]
+    shape_table(tiny_macro, blocks, (), (1.0, 1.0, 1.0))  # full width spelled out is fine
+    for old in (blocks, {k: v for k, v in blocks.items() if k not in ("width_choices", "width_fixed_ms")}):
+        with pytest.raises(ValueError, match=r"stage widths \[1.0\] only.*re-profile with elastic width"):
+            shape_tables(tiny_macro, old, [((), (0.5, 1.0, 1.0))])
+
+
+def test_shipped_profiles_say_they_lack_widths_and_refuse_them_by_name():
+    """Every shipped profile predates elastic width: full width predicts as before, a narrowed network is a
+    ValueError that names the profile and says to re-profile."""
+    import json
+    from dataclasses import replace
+    from pathlib import Path
+
+    from hwnas.predictors import ByMacroPredictor, create_predictor, profile_covers_width
+    from hwnas.profiling.device_profile import DeviceProfile
+
+    paths = sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.json"))
+    assert paths
+    for path in paths:
+        profile = DeviceProfile.from_dict(json.loads(path.read_text()))  # from_dict: no other-device warning
+        assert profile.widths == (1.0,) and not profile.covers_width() and not profile_covers_width(profile)
+        assert profile.covers_width(()) and profile.covers_width([1.0, 1.0, 1.0])
+        g = SearchSpace(profile.macro).sample(np.random.default_rng(0))
+        assert create_predictor(profile, width=(1.0, 1.0, 1.0)).predict([g])[0] == create_predictor(profile).predict([g])[0]
+        with pytest.raises(ValueError, match=f"profile '{profile.name}' was measured without elastic width.*"
+                                             "re-profile with elastic width"):
+            create_predictor(profile, width=(1.0, 0.5, 1.0))
+        with pytest.raises(ValueError, match=f"profile '{profile.name}'.*re-profile"):
+            ByMacroPredictor.from_profiles([profile]).predict([g, replace(g, width=(0.75, 0.75, 0.75))])

@@ -27,13 +27,17 @@ def test_profile_device_writes_a_loadable_profile(tmp_path, tiny_macro, fake_dev
     v = loaded.validation
     assert v["n"] == 6 and v["noise_ceiling_within_10pct"] == 1.0  # the fake device is noise-free
     assert loaded.device["threads"] == 1 and loaded.device["graph_optimization_level"] == "ORT_ENABLE_ALL"
-    # The fake latency is additive over parameters, so the calibrated predictor should be near exact.
-    pred = create_predictor(loaded, "calibrated")
-    plan = profiler.make_plan(cfg)
+    # The fake latency is additive over parameters, so the calibrated predictor should be near exact, at every width.
+    from hwnas.predictors import ByMacroPredictor
     from hwnas.space import Network
 
+    plan = profiler.make_plan(cfg)
+    assert len({g.width for g in plan.validation}) > 1 and loaded.covers_width()
     truth = [0.01 + 1e-6 * count_params(Network(g)) for g in plan.validation]
-    np.testing.assert_allclose(pred.predict(plan.validation), truth, rtol=0.02)
+    np.testing.assert_allclose(ByMacroPredictor.from_profiles([loaded], "calibrated").predict(plan.validation), truth, rtol=0.02)
+    full = [g for g in plan.validation if not g.width]
+    np.testing.assert_allclose(create_predictor(loaded, "calibrated").predict(full),
+                               [0.01 + 1e-6 * count_params(Network(g)) for g in full], rtol=0.02)
 
 
 def test_interrupt_then_resume_measures_only_what_is_missing(tmp_path, tiny_macro, fake_device):
@@ -197,3 +201,68 @@ def test_measure_resumed_after_a_kill_times_only_what_is_left(tmp_path, tiny_mac
     assert len(fake_device) == 2 * (2 * 3 - 4)  # the 4 finished pairs were not timed again
     np.testing.assert_allclose(got, want)
     assert not (tmp_path / "m.partial.json").exists()
+
+
+def test_width_round_trips_through_the_profile_and_refit(tmp_path, tiny_macro, fake_device):
+    """Calibration and validation networks of every width are stored with it, read back with it and refitted."""
+    from hwnas.predictors import ByMacroPredictor
+    from hwnas.space import Network
+
+    cfg = small_cfg(tmp_path, tiny_macro, n_calibration=20, n_validation=12)
+    plan = profiler.make_plan(cfg)
+    profiler.profile_device(cfg)
+    profile = DeviceProfile.load(cfg.out)
+    assert profile.widths == (0.5, 0.75, 1.0) and profile.covers_width() and profile.blocks["width_fixed_ms"]
+    for entries, nets in ((profile.calibration, plan.calibration), (profile.validation_set, plan.validation)):
+        assert [e["width"] for e in entries] == [list(g.stage_width) for g in nets]
+        back = [profiler.entry_genotype(tiny_macro, e) for e in entries]
+        assert [g.arch_id for g in back] == [e["arch_id"] for e in entries] == [g.arch_id for g in nets]
+    assert len({tuple(e["width"]) for e in profile.validation_set}) > 3
+    # The validation shows the error at every stage width, each within reach of the overall figure.
+    per_width = profile.validation["per_width"]
+    assert {(r["stage"], r["width"]) for r in per_width} == {(s, w) for s in range(3) for w in (0.5, 0.75, 1.0)}
+    assert sum(r["n"] for r in per_width if r["stage"] == 0) == profile.validation["n"]
+    assert all(r["mape"] < 2.0 for r in per_width)  # the fake device is additive: near exact at every width
+    again = profiler.refit_profile(profile)
+    assert again.validation["mape"] == pytest.approx(profile.validation["mape"], rel=1e-6)
+    assert again.validation["per_width"] == pytest.approx(per_width)
+    truth = [0.01 + 1e-6 * count_params(Network(g)) for g in plan.validation]
+    np.testing.assert_allclose(ByMacroPredictor.from_profiles([again]).predict(plan.validation), truth, rtol=0.02)
+
+
+def test_refit_refuses_widths_its_blocks_lack(tmp_path, tiny_macro, fake_device):
+    cfg = small_cfg(tmp_path, tiny_macro)
+    data = profiler.profile_device(cfg).to_dict()
+    data["blocks"]["width_choices"] = [1.0]  # as if the blocks were measured without elastic width
+    with pytest.raises(ValueError, match="profile 'tiny'.*cover stage widths \\[1.0\\] only; re-profile with elastic width"):
+        profiler.refit_profile(DeviceProfile.from_dict(data))
+    data["blocks"]["width_choices"] = [0.6, 1.0]
+    with pytest.raises(ValueError, match="blocks.width_choices"):
+        DeviceProfile.from_dict(data)
+
+
+def test_profile_without_elastic_width_plans_and_stores_full_width_only(tmp_path, tiny_macro, fake_device):
+    from hwnas.profiling import default_profile_path
+    from hwnas.profiling.bundle import profile_config_of
+
+    cfg = small_cfg(tmp_path, tiny_macro, elastic_width=False)
+    plan = profiler.make_plan(cfg)
+    assert all(not g.width for g in plan.calibration + plan.validation)
+    assert all("/" not in n for n in plan.fixed)
+    profile = profiler.profile_device(cfg)
+    assert profile.widths == (1.0,) and "per_width" not in profile.validation
+    assert {tuple(e["width"]) for e in profile.calibration} == {(1.0, 1.0, 1.0)}
+    assert default_profile_path(tiny_macro, tmp_path) == tmp_path / "tiny.json"
+    assert default_profile_path(tiny_macro, tmp_path, elastic_width=True) is None
+    profiler.profile_device(small_cfg(tmp_path, tiny_macro, out=str(tmp_path / "wide.json")))
+    assert default_profile_path(tiny_macro, tmp_path, elastic_width=True) == tmp_path / "wide.json"
+    # A bundle written before elastic width planned full width only, and is read back so.
+    key = {k: v for k, v in cfg.measurement_key().items() if k != "elastic_width"}
+    assert not profile_config_of({"profile": {"device": "d", "config": key}}).elastic_width
+
+
+def test_sample_sets_cover_every_width_when_asked(tiny_macro):
+    cal, val = profiler.sample_sets(tiny_macro, 30, 20, seed=1, width=True)
+    assert len({g.arch_id for g in cal + val}) == 50
+    assert {w for g in cal + val for w in g.stage_width} == {0.5, 0.75, 1.0}
+    assert all(not g.width for g in sum(profiler.sample_sets(tiny_macro, 30, 20, seed=1), []))

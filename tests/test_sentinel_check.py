@@ -131,7 +131,7 @@ def test_pipeline_measures_its_own_profile_when_the_shipped_sentinel_is_off(made
     profile, path = made
     shipped = tmp_path / "shipped.json"
     measured = []
-    monkeypatch.setattr("hwnas.profiling.default_profile_path", lambda macro: shipped)
+    monkeypatch.setattr("hwnas.profiling.default_profile_path", lambda macro, **kw: shipped)
     monkeypatch.setattr(profiler, "profile_device", lambda cfg, progress=None: measured.append(cfg.out))
     out = tmp_path / "run"
     out.mkdir()

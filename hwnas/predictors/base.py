@@ -6,16 +6,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from hwnas.profiling.blocks import N_INPUTS, N_OPS, N_PAIRS, depth_groups
+from hwnas.profiling.blocks import N_INPUTS, N_OPS, N_PAIRS, ShapeKey, shape_groups
 from hwnas.space.genotype import Genotype
 from hwnas.space.ops import GENOTYPE_OPS
 
 _OP_INDEX = {op: i for i, op in enumerate(GENOTYPE_OPS)}
 # Offset of pair p's (op, input) block in the flattened table.
 _PAIR_BASE = np.arange(N_PAIRS) * (N_OPS * N_INPUTS)
-# Rows of a fit whose networks have another depth: (row indices, that depth's block table, its fixed ms,
+# Rows of a fit whose networks have another depth or width: (row indices, that shape's block table, its fixed ms,
 # its pair counts: kept cells running each pair).
 Groups = Sequence[tuple[np.ndarray, np.ndarray, float, np.ndarray]]
+Tables = Mapping[ShapeKey, tuple[np.ndarray, float, np.ndarray]]  # as hwnas.profiling.blocks.shape_tables gives them
 PER_INSTANCE = "per_instance"  # to_dict's count_term: a per-op cost counted once per kept cell running the pair
 
 
@@ -43,6 +44,12 @@ def shared_factorized_reduce(x: np.ndarray) -> np.ndarray:
     return REDUCE_CELLS * sum(np.maximum(n - 1, 0) for n in per_input).astype(float)
 
 
+def describe_shape(key: ShapeKey) -> str:
+    """"depth full, width [0.5, 1.0, 1.0]": a shape key for messages."""
+    depth, width = key
+    return f"depth {list(depth) or 'full'}, width {list(width) or 'full'}"
+
+
 def flat_index(x: np.ndarray) -> np.ndarray:
     """(N, N_PAIRS) positions in the flattened (pair, op, input) table of encodings `x`."""
     x = np.asarray(x)
@@ -56,6 +63,7 @@ class LatencyPredictor:
 
     name = "base"
     depth: tuple[int, ...] = ()  # the elastic depth whose cells block_table sums (() = every cell)
+    width: tuple[float, ...] = ()  # the elastic width whose channel counts block_table's blocks have (() = full)
 
     def __init__(self, block_table: np.ndarray, fixed_ms: float, counts: np.ndarray | None = None) -> None:
         self.block_table = np.asarray(block_table, dtype=float)  # (N_PAIRS, N_OPS, N_INPUTS) summed block ms
@@ -66,19 +74,26 @@ class LatencyPredictor:
         self.per_instance = counts is not None
         self.counts = np.ones(N_PAIRS) if counts is None else np.asarray(counts, dtype=float).reshape(N_PAIRS)
 
-    def fit(self, genotypes: Sequence[Genotype], latency_ms: np.ndarray,
+    @property
+    def shape_key(self) -> ShapeKey:
+        """(depth, width) of the networks this predictor's tables are for (Genotype.shape_key)."""
+        return self.depth, self.width
+
+    def fit(self, genotypes: Sequence[Genotype], latency_ms: np.ndarray, tables: Tables | None = None,
             depth_tables: Mapping[tuple[int, ...], tuple[np.ndarray, float, np.ndarray]] | None = None) -> "LatencyPredictor":
-        """Fit on measured whole networks; those of another depth need depth_tables[depth] = (block_table, fixed_ms,
-        pair counts), as hwnas.profiling.blocks.depth_tables gives them."""
-        tables = {**(depth_tables or {}), self.depth: (self.block_table, self.fixed_ms, self.counts)}
-        depths = [g.depth for g in genotypes]
-        missing = next((d for d in depths if d not in tables), None)
+        """Fit on measured whole networks; those of another depth or width need tables[g.shape_key] = (block_table,
+        fixed_ms, pair counts), as hwnas.profiling.blocks.shape_tables gives them (`depth_tables`: keyed by depth
+        alone, for full-width networks, as hwnas.profiling.blocks.depth_tables gives them)."""
+        known = {**{(tuple(d), ()): t for d, t in (depth_tables or {}).items()}, **(tables or {}),
+                 self.shape_key: (self.block_table, self.fixed_ms, self.counts)}
+        keys = [g.shape_key for g in genotypes]
+        missing = next((k for k in keys if k not in known), None)
         if missing is not None:
-            raise ValueError(f"architectures of depth {list(missing)} need their block table in depth_tables")
-        return self.fit_encoded(encode_all(genotypes), np.asarray(latency_ms, dtype=float), depth_groups(depths, tables))
+            raise ValueError(f"architectures of {describe_shape(missing)} need their block table in tables")
+        return self.fit_encoded(encode_all(genotypes), np.asarray(latency_ms, dtype=float), shape_groups(keys, known))
 
     def fit_encoded(self, x: np.ndarray, latency_ms: np.ndarray, groups: Groups | None = None) -> "LatencyPredictor":
-        """Fit on integer encodings (N, 32); `groups` = (rows, block_table, fixed_ms) for rows of other depths."""
+        """Fit on integer encodings (N, 32); `groups` = (rows, block_table, fixed_ms, counts) for rows of other shapes."""
         raise NotImplementedError
 
     def _groups(self, n: int, groups: Groups | None) -> Groups:
@@ -91,12 +106,12 @@ class LatencyPredictor:
         return [(rows, table, fixed, counts if self.per_instance else self.counts) for rows, table, fixed, counts in groups]
 
     def predict(self, genotypes: Sequence[Genotype]) -> np.ndarray:
-        """Predicted latency (ms) of each genotype (all of this predictor's depth)."""
-        other = next((g for g in genotypes if g.depth != self.depth), None)
+        """Predicted latency (ms) of each genotype (all of this predictor's depth and width)."""
+        other = next((g for g in genotypes if g.shape_key != self.shape_key), None)
         if other is not None:
-            raise ValueError(f"predictor {self.name!r} covers depth {list(self.depth) or 'full'}, architecture "
-                             f"{other.arch_id} has depth {list(other.depth) or 'full'}; use create_predictor(profile, depth=...) "
-                             "or ByMacroPredictor")
+            raise ValueError(f"predictor {self.name!r} covers {describe_shape(self.shape_key)}, architecture "
+                             f"{other.arch_id} has {describe_shape(other.shape_key)}; use create_predictor(profile, "
+                             "depth=..., width=...) or ByMacroPredictor")
         return self.predict_encoded(encode_all(genotypes))
 
     def table_from_coef(self) -> np.ndarray:
@@ -104,16 +119,18 @@ class LatencyPredictor:
         raise NotImplementedError
 
     def with_blocks(self, block_table: np.ndarray, fixed_ms: float, depth: tuple[int, ...],
-                    counts: np.ndarray | None = None) -> "LatencyPredictor":
-        """This fitted predictor applied to the block table (and pair counts) of another depth: coefficients kept.
+                    counts: np.ndarray | None = None, width: tuple[float, ...] = ()) -> "LatencyPredictor":
+        """This fitted predictor applied to the block table (and pair counts) of another depth and width: coefficients kept.
 
         The fit is per op kind (a scale on block latency and a cost per op instance), so it carries over to any
-        set of kept cells; only the tables that it multiplies change. `counts` None: this predictor's own.
+        set of kept cells at any channel counts; only the tables that it multiplies change. `counts` None: this
+        predictor's own.
         """
         if not hasattr(self, "table_"):
             raise ValueError(f"predictor {self.name!r} is not fitted")
         new = copy.copy(self)
-        new.block_table, new.fixed_ms, new.depth = np.asarray(block_table, dtype=float), float(fixed_ms), tuple(depth)
+        new.block_table, new.fixed_ms = np.asarray(block_table, dtype=float), float(fixed_ms)
+        new.depth, new.width = tuple(depth), tuple(width)
         if counts is not None and self.per_instance:
             new.counts = np.asarray(counts, dtype=float).reshape(N_PAIRS)
         new.table_ = new.table_from_coef()

@@ -199,6 +199,7 @@ def profile_config_of(manifest: dict[str, Any], threads: int | None = None) -> A
         info = manifest["profile"]
         key = dict(info["config"])
         key["macro"] = MacroConfig.from_dict(key["macro"])
+        key.setdefault("elastic_width", False)  # a bundle written before elastic width planned full width only
         if threads is not None:
             key["threads"] = int(threads)
         return ProfileConfig(device=info["device"], quick=False, budget_min=float(manifest.get("budget_min") or 15.0),

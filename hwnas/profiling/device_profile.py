@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hwnas.config import MacroConfig
-from hwnas.space.genotype import SPACE_NAME
+from hwnas.space.genotype import SPACE_NAME, WIDTH_CHOICES, normalize_width
 from hwnas import jsonio
 from hwnas.jsonio import atomic_write_json
 
@@ -26,6 +26,25 @@ VALIDATION_KEYS = ("n", "mape", "within_5pct", "within_10pct", "spearman", "kend
 read_json = jsonio.read_json
 
 
+def block_widths(blocks: Any) -> tuple[float, ...]:
+    """The channel fractions per stage whose blocks a profile's blocks section holds, at every combination of stages
+    (`width_choices`); a profile measured before elastic width holds full width's only: (1.0,)."""
+    choices = blocks.get("width_choices") if isinstance(blocks, dict) else None
+    return tuple(sorted(float(w) for w in choices)) if isinstance(choices, list) and choices else (1.0,)
+
+
+def _check_width_choices(blocks: dict[str, Any]) -> None:
+    """ValueError naming the field unless blocks.width_choices (when present) lists stage fractions, full width among them."""
+    if "width_choices" not in blocks:
+        return
+    choices = blocks["width_choices"]
+    ok = isinstance(choices, list) and 1.0 in choices and all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and w in WIDTH_CHOICES for w in choices)
+    if not ok:
+        raise ValueError(f"blocks.width_choices must list stage width fractions among {list(WIDTH_CHOICES)}, 1.0 "
+                         f"included; got {choices!r}")
+
+
 @dataclass
 class DeviceProfile:
     """A measured latency profile of one device for one space + macro config (see DESIGN.md)."""
@@ -36,12 +55,23 @@ class DeviceProfile:
     validation: dict[str, Any]
     space: str = SPACE_NAME
     sentinel: dict[str, Any] = field(default_factory=dict)  # {"arch": ..., "latency_ms": ...}
-    blocks: dict[str, Any] = field(default_factory=dict)  # {"overhead_ms", "fixed": {...}, "ops": {...}}
-    calibration: list[dict[str, Any]] = field(default_factory=list)  # {"arch_id", "x", "latency_ms"}
+    # {"overhead_ms", "fixed_ms", "ops_ms", "width_fixed_ms", "width_choices"} (the last two since elastic width)
+    blocks: dict[str, Any] = field(default_factory=dict)
+    calibration: list[dict[str, Any]] = field(default_factory=list)  # {"arch_id", "x", "depth", "width", "latency_ms"}
     validation_set: list[dict[str, Any]] = field(default_factory=list)  # + "latency_ms_b"
     predictors: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> fitted parameters
     default_predictor: str = "calibrated"
     meta: dict[str, Any] = field(default_factory=dict)  # created, elapsed, config, notes
+
+    @property
+    def widths(self) -> tuple[float, ...]:
+        """Stage width fractions this profile's blocks cover (every combination of them); (1.0,): full width only."""
+        return block_widths(self.blocks)
+
+    def covers_width(self, width: Any = None) -> bool:
+        """Whether the blocks cover `width` (a fraction per stage; () = full), or with None every elastic width."""
+        wanted = WIDTH_CHOICES if width is None else normalize_width(width)
+        return set(wanted) <= set(self.widths)
 
     def to_dict(self) -> dict[str, Any]:
         """The profile JSON object."""
@@ -95,6 +125,7 @@ class DeviceProfile:
             raise ValueError(f"predictors.{bad[0]} must be an object")
         if not isinstance(data["default_predictor"], str):
             raise ValueError("field 'default_predictor' must be a predictor name")
+        _check_width_choices(data["blocks"])
         missing = [k for k in VALIDATION_KEYS if k not in data["validation"]]
         if missing:
             raise ValueError(f"validation block is missing {missing}")

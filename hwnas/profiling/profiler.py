@@ -13,11 +13,13 @@ from torch import nn
 
 from hwnas.config import MacroConfig, ProfileConfig
 from hwnas.profiling import runner, timer
-from hwnas.profiling.blocks import BlockSpec, DepthTables, depth_groups, depth_tables, fixed_blocks, op_blocks
+
+from hwnas.profiling.blocks import (FULL_SHAPE, BlockSpec, ShapeKey, ShapeTables, blocks_section, fixed_blocks, op_blocks,
+                                    shape_groups, shape_tables)
 from hwnas.jsonio import atomic_write_json, dumps, parse_json, read_text
 from hwnas.profiling.device_profile import DeviceProfile, read_json
 from hwnas.profiling.onnx_io import onnx_bytes
-from hwnas.space.genotype import Genotype, SearchSpace
+from hwnas.space.genotype import N_STAGES, WIDTH_CHOICES, Genotype, SearchSpace
 from hwnas.space.network import Network
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,11 @@ def sidecar_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.json")
 
 
-def sample_sets(macro: MacroConfig, n_cal: int, n_val: int, seed: int,
-                depth: bool = False) -> tuple[list[Genotype], list[Genotype]]:
-    """Random calibration and held-out validation genotypes (of every depth if asked), disjoint from each other
-    and the sentinel."""
-    space, rng = SearchSpace(macro, depth=depth), np.random.default_rng(seed)
+def sample_sets(macro: MacroConfig, n_cal: int, n_val: int, seed: int, depth: bool = False,
+                width: bool = False) -> tuple[list[Genotype], list[Genotype]]:
+    """Random calibration and held-out validation genotypes (of every depth and width if asked), disjoint from each
+    other and the sentinel."""
+    space, rng = SearchSpace(macro, depth=depth, width=width), np.random.default_rng(seed)
     seen = {sentinel_genotype(macro).arch_id}
     out: list[Genotype] = []
     while len(out) < n_cal + n_val:
@@ -202,8 +204,10 @@ def make_plan(cfg: ProfileConfig) -> Plan:
     """The deterministic measurement plan of `cfg` (same seed, same networks: what makes --resume possible)."""
     cfg = cfg.resolved()
     sentinel = sentinel_genotype(cfg.macro)
-    cal, val = sample_sets(cfg.macro, cfg.n_calibration, cfg.n_validation, cfg.seed, depth=cfg.elastic_depth)
-    return Plan(cfg, sentinel, op_blocks(cfg.macro), fixed_blocks(cfg.macro, sentinel), cal, val)
+    cal, val = sample_sets(cfg.macro, cfg.n_calibration, cfg.n_validation, cfg.seed, depth=cfg.elastic_depth,
+                           width=cfg.elastic_width)
+    return Plan(cfg, sentinel, op_blocks(cfg.macro, cfg.elastic_width), fixed_blocks(cfg.macro, sentinel, cfg.elastic_width),
+                cal, val)
 
 
 def profile_device(cfg: ProfileConfig, progress: Progress | None = None) -> DeviceProfile:
@@ -276,11 +280,11 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
     # A block's own cost is its session time minus the cost of running an empty graph.
     ops_ms = {b.key: max(lat[f"block:{b.key}"] - overhead, 0.0) for b in blocks}
     fixed_ms = {n: max(lat[f"fixed:{n}"] - overhead, 0.0) for n in fixed_names}
-    blocks_section = {"overhead_ms": overhead, "fixed_ms": fixed_ms, "ops_ms": ops_ms}
+    section = blocks_section(overhead, fixed_ms, ops_ms, cfg.elastic_width)
     y_cal = np.array([lat[f"cal:{g.arch_id}"] for g in cal_ok])
     y_a = np.array([lat_a[f"val:{g.arch_id}"] for g in val_ok])
     y_b = np.array([lat_b[f"val:{g.arch_id}"] for g in val_ok])
-    fitted, default, validation = fit_predictors(cfg.macro, blocks_section, cal_ok, y_cal, val_ok, y_a, y_b, cfg.seed)
+    fitted, default, validation = fit_predictors(cfg.macro, section, cal_ok, y_cal, val_ok, y_a, y_b, cfg.seed)
 
     device = {
         "name": cfg.device, **fingerprint, "provider": cfg.provider, "provider_options": dict(cfg.provider_options),
@@ -295,15 +299,28 @@ def profile_from_records(plan: Plan, records: Sequence[timer.Record], fingerprin
     return DeviceProfile(
         name=cfg.device, device=device, macro=cfg.macro, validation=validation,
         sentinel={"arch": sentinel_g.to_dict(), "arch_id": sentinel_g.arch_id, "latency_ms": sent_ref},
-        blocks=blocks_section,
-        calibration=[{"arch_id": g.arch_id, "x": x.tolist(), "depth": list(g.stage_depth), "latency_ms": float(y)}
-                     for g, x, y in zip(cal_ok, encode_all(cal_ok), y_cal)],
-        validation_set=[{"arch_id": g.arch_id, "x": x.tolist(), "depth": list(g.stage_depth), "latency_ms_a": float(a),
-                         "latency_ms_b": float(b)} for g, x, a, b in zip(val_ok, encode_all(val_ok), y_a, y_b)],
+        blocks=section,
+        calibration=[{**shape_entry(g, x), "latency_ms": float(y)} for g, x, y in zip(cal_ok, encode_all(cal_ok), y_cal)],
+        validation_set=[{**shape_entry(g, x), "latency_ms_a": float(a), "latency_ms_b": float(b)}
+                        for g, x, a, b in zip(val_ok, encode_all(val_ok), y_a, y_b)],
         predictors=fitted, default_predictor=default,
         meta={"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.measurement_key(),
               "quick": cfg.quick, "n_records": len(records)},
     )
+
+
+def shape_entry(genotype: Genotype, x: np.ndarray) -> dict[str, Any]:
+    """How a measured network is stored in a profile: its id, 32-integer cell encoding, depth and width spelled out."""
+    return {"arch_id": genotype.arch_id, "x": x.tolist(), "depth": list(genotype.stage_depth),
+            "width": list(genotype.stage_width)}
+
+
+def entry_genotype(macro: MacroConfig, entry: dict[str, Any]) -> Genotype:
+    """The network a profile's calibration or validation entry stores (entries before elastic width: full width)."""
+    from dataclasses import replace
+
+    return replace(SearchSpace(macro).decode(entry["x"]), depth=tuple(entry.get("depth", ())),
+                   width=tuple(entry.get("width", ())))
 
 
 def fit_predictors(macro: MacroConfig, blocks_section: dict[str, Any], cal: Sequence[Genotype], y_cal: np.ndarray,
@@ -315,18 +332,22 @@ def fit_predictors(macro: MacroConfig, blocks_section: dict[str, Any], cal: Sequ
     """
     from hwnas.predictors import PREDICTORS, encode_all
 
-    tables = depth_tables(macro, blocks_section, [g.depth for g in [*cal, *val]])
+    tables = shape_tables(macro, blocks_section, [g.shape_key for g in [*cal, *val]])
     x_cal, x_val = encode_all(cal), encode_all(val)
-    cal_groups = depth_groups([g.depth for g in cal], tables)
-    fitted, per_pred, cv = {}, {}, {}
+    cal_keys, val_keys = [g.shape_key for g in cal], [g.shape_key for g in val]
+    cal_groups = shape_groups(cal_keys, tables)
+    fitted, per_pred, cv, val_pred = {}, {}, {}, {}
     for name, cls in PREDICTORS.items():
-        pred = cls(*tables[()]).fit_encoded(x_cal, y_cal, cal_groups)
+        pred = cls(*tables[FULL_SHAPE]).fit_encoded(x_cal, y_cal, cal_groups)
         fitted[name] = pred.to_dict()
-        per_pred[name] = validation_figures(predict_depths(pred, x_val, [g.depth for g in val], tables), y_a, y_b)
-        cv[name] = cv_mape(cls, tables, x_cal, y_cal, [g.depth for g in cal], seed=seed)
+        val_pred[name] = predict_shapes(pred, x_val, val_keys, tables)
+        per_pred[name] = validation_figures(val_pred[name], y_a, y_b)
+        cv[name] = cv_mape(cls, tables, x_cal, y_cal, cal_keys, seed=seed)
     default = min(cv, key=cv.get)  # chosen on the calibration set, so the held-out figures stay honest
     validation = {**per_pred[default], "predictor": default, "per_predictor": per_pred,
                   "cv_mape_calibration": cv, "compared_against": "each figure is the mean of the predictor vs measurement A (even rounds) and vs measurement B (odd rounds)"}
+    if any(g.width for g in val):
+        validation["per_width"] = per_width_figures(val_pred[default], [g.stage_width for g in val], y_a, y_b)
     return fitted, default, validation
 
 
@@ -335,10 +356,8 @@ def refit_profile(profile: DeviceProfile) -> DeviceProfile:
     hwnas predictor makes of the same records."""
     from dataclasses import replace
 
-    space = SearchSpace(profile.macro)
-
     def genotypes(entries: list[dict[str, Any]]) -> list[Genotype]:
-        return [replace(space.decode(e["x"]), depth=tuple(e.get("depth", ()))) for e in entries]
+        return [entry_genotype(profile.macro, e) for e in entries]
 
     try:
         cal, val = genotypes(profile.calibration), genotypes(profile.validation_set)
@@ -347,6 +366,10 @@ def refit_profile(profile: DeviceProfile) -> DeviceProfile:
         y_b = np.array([e["latency_ms_b"] for e in profile.validation_set], dtype=float)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"profile {profile.name!r}: stored measurements are incomplete ({err})") from None
+    narrow = next((g for g in [*cal, *val] if not profile.covers_width(g.width)), None)
+    if narrow is not None:  # a hand-edited or mixed-up file: its blocks cannot give that width's table
+        raise ValueError(f"profile {profile.name!r}: measured network {narrow.arch_id} has width {list(narrow.width)}, "
+                         f"but the blocks cover stage widths {list(profile.widths)} only; re-profile with elastic width")
     fitted, default, validation = fit_predictors(profile.macro, profile.blocks, cal, y_cal, val, y_a, y_b,
                                                  int(profile.meta.get("config", {}).get("seed", 0)))
     meta = {**profile.meta, "refitted": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -365,24 +388,43 @@ def validation_figures(pred: np.ndarray, meas_a: np.ndarray, meas_b: np.ndarray)
     return figs
 
 
-def predict_depths(pred: Any, x: np.ndarray, depths: Sequence[tuple[int, ...]], tables: DepthTables) -> np.ndarray:
-    """Predictions of a full-depth predictor for encodings `x` whose networks have the given depths."""
+def per_width_figures(pred: np.ndarray, widths: Sequence[tuple[float, ...]], meas_a: np.ndarray,
+                      meas_b: np.ndarray) -> list[dict[str, Any]]:
+    """MAPE and share within +-10 % (mean vs A and vs B) of the held-out networks running stage s at fraction w, per
+    (s, w): the validated accuracy at every width (per stage, so each figure rests on about a third of the networks)."""
+    from hwnas.predictors.metrics import agreement
+
+    rows = []
+    for stage in range(N_STAGES):
+        for w in WIDTH_CHOICES:
+            sel = np.array([ws[stage] == w for ws in widths])
+            if sel.any():
+                fa, fb = agreement(pred[sel], meas_a[sel]), agreement(pred[sel], meas_b[sel])
+                rows.append({"stage": stage, "width": w, "n": int(sel.sum()), "mape": (fa["mape"] + fb["mape"]) / 2,
+                             "within_10pct": (fa["within_10pct"] + fb["within_10pct"]) / 2})
+    return rows
+
+
+def predict_shapes(pred: Any, x: np.ndarray, keys: Sequence[ShapeKey], tables: ShapeTables) -> np.ndarray:
+    """Predictions of a full-depth, full-width predictor for encodings `x` whose networks have the given shape keys
+    (Genotype.shape_key: depth, width): each group through its own blocks, the fitted coefficients kept."""
     out = np.empty(len(x))
-    for rows, table, fixed, counts in depth_groups(depths, tables):
-        d = depths[rows[0]]
-        out[rows] = (pred.with_blocks(table, fixed, d, counts) if d else pred).predict_encoded(x[rows])
+    for rows, table, fixed, counts in shape_groups(keys, tables):
+        depth, width = keys[rows[0]]
+        moved = pred.with_blocks(table, fixed, depth, counts, width=width) if (depth or width) else pred
+        out[rows] = moved.predict_encoded(x[rows])
     return out
 
 
-def cv_mape(cls: type, tables: DepthTables, x: np.ndarray, y: np.ndarray, depths: Sequence[tuple[int, ...]],
+def cv_mape(cls: type, tables: ShapeTables, x: np.ndarray, y: np.ndarray, keys: Sequence[ShapeKey],
             folds: int = 5, seed: int = 0) -> float:
-    """K-fold cross-validated MAPE (%) on the calibration set."""
+    """K-fold cross-validated MAPE (%) on the calibration set (`keys`: each network's shape key)."""
     idx = np.random.default_rng(seed).permutation(len(y))
     errs = []
     for part in np.array_split(idx, min(folds, len(y))):
         train = np.setdiff1d(idx, part)
-        pred = cls(*tables[()]).fit_encoded(x[train], y[train], depth_groups([depths[i] for i in train], tables))
-        errs.append(np.abs(predict_depths(pred, x[part], [depths[i] for i in part], tables) / y[part] - 1))
+        pred = cls(*tables[FULL_SHAPE]).fit_encoded(x[train], y[train], shape_groups([keys[i] for i in train], tables))
+        errs.append(np.abs(predict_shapes(pred, x[part], [keys[i] for i in part], tables) / y[part] - 1))
     return float(np.mean(np.concatenate(errs)) * 100)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from hwnas.profiling import timer
 from hwnas.profiling.device_profile import DeviceProfile
 from hwnas.profiling.fingerprint import FingerprintMatch, compare_fingerprints
-from hwnas.space.genotype import Genotype, SearchSpace
+from hwnas.space.genotype import Genotype
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,12 @@ def profile_timing(profile: DeviceProfile) -> timer.TimingConfig:
 
 def _partners(profile: DeviceProfile, k: int) -> list[Genotype]:
     """Up to k of the profile's calibration networks (the sentinel's partners in its rounds); else the sentinel."""
-    space = SearchSpace(profile.macro)
+    from hwnas.profiling.profiler import entry_genotype
+
     out = []
     for entry in profile.calibration[:k]:
         try:
-            out.append(replace(space.decode(entry["x"]), depth=tuple(entry.get("depth", ()))))
+            out.append(entry_genotype(profile.macro, entry))
         except (KeyError, TypeError, ValueError):
             continue
     return out or [sentinel_arch(profile)]
