@@ -80,27 +80,24 @@ def random_cells(n: int, weak: int, macro: MacroConfig, seed: int = 1234) -> tup
     if not 0 <= weak <= n:
         raise ValueError(f"weak must be in [0, cells], got {weak} of {n}")
     cells = _cells_with_conv_share(np.linspace(0.0, 0.25, weak), macro, seed) if weak else []
-    space, rng = SearchSpace(macro), np.random.default_rng(seed + 1)
-    seen = {g.arch_id for g in cells}
-    while len(cells) < n:
-        g = space.sample(rng)
-        if g.arch_id not in seen:
-            seen.add(g.arch_id)
-            cells.append(g)
+    cells = distinct_draws(SearchSpace(macro), np.random.default_rng(seed + 1), n, cells)
     return cells, ["weak"] * weak + ["random"] * (n - weak)
 
 
-def elastic_cells(n: int, macro: MacroConfig, resolutions: list[int], seed: int = 1234) -> list[Genotype]:
-    """n distinct uniform draws of the elastic space: cells, input resolution, depth and width."""
-    space, rng = SearchSpace(macro, resolutions, depth=True, width=True), np.random.default_rng(seed + 2)
-    cells: list[Genotype] = []
-    seen: set[str] = set()
+def distinct_draws(space: SearchSpace, rng: np.random.Generator, n: int, start: list[Genotype] = ()) -> list[Genotype]:
+    """`start` followed by uniform draws of `space` with new arch_ids until there are n."""
+    cells, seen = list(start), {g.arch_id for g in start}
     while len(cells) < n:
         g = space.sample(rng)
         if g.arch_id not in seen:
             seen.add(g.arch_id)
             cells.append(g)
     return cells
+
+
+def elastic_cells(n: int, macro: MacroConfig, resolutions: list[int], seed: int = 1234) -> list[Genotype]:
+    """n distinct uniform draws of the elastic space: cells, input resolution, depth and width."""
+    return distinct_draws(SearchSpace(macro, resolutions, depth=True, width=True), np.random.default_rng(seed + 2), n)
 
 
 def flops(genotype: Genotype) -> float:
