@@ -453,11 +453,7 @@ def _profile(args: argparse.Namespace) -> int:
         profile = profile_device(cfg, progress=update)
     finally:
         bar.close()
-    v = profile.validation
-    summary = {k: v[k] for k in ("predictor", "n", "mape", "within_5pct", "within_10pct", "spearman", "kendall",
-                                 "noise_ceiling_within_10pct")}
-    print(json.dumps({"profile": str(cfg.out or f"profiles/{cfg.device}.json"), "elapsed_s": profile.meta.get("elapsed_s"),
-                      "validation": summary}, indent=2))
+    print(json.dumps(_profile_summary(profile, cfg.out or f"profiles/{cfg.device}.json"), indent=2))
     return EXIT_OK
 
 
@@ -479,9 +475,11 @@ def _profile_interrupted(args: argparse.Namespace) -> str:
 
 def _profile_summary(profile, out) -> dict:
     v = profile.validation
-    return {"profile": str(out), "elapsed_s": profile.meta.get("elapsed_s"), "validation": {
-        k: v[k] for k in ("predictor", "n", "mape", "within_5pct", "within_10pct", "spearman", "kendall",
-                          "noise_ceiling_within_10pct")}}
+    figures = {k: v[k] for k in ("predictor", "n", "mape", "within_5pct", "within_10pct", "spearman", "kendall",
+                                 "noise_ceiling_within_10pct")}
+    if "per_width" in v:  # the validated accuracy at each stage width: "stage0@0.5": MAPE
+        figures["mape_per_stage_width"] = {f"stage{r['stage']}@{r['width']:g}": round(r["mape"], 4) for r in v["per_width"]}
+    return {"profile": str(out), "elapsed_s": profile.meta.get("elapsed_s"), "validation": figures}
 
 
 def _profile_from_measurements(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import pytest
 from hwnas import cli
 from hwnas.cli import (EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_OS_ERROR, main)
 from hwnas.config import MacroConfig
+from hwnas.space import Genotype
 
 
 def one_error_line(capsys, code: int, got: int, *needles: str) -> str:
@@ -71,7 +72,10 @@ def test_every_subcommand_on_tiny_inputs(tmp_path: Path, tiny_spec: str, fake_de
     profile = tmp_path / "p.json"
     assert main(["profile", "--device", "tiny", "--quick", "--macro", str(tmp_path / "macro.json"),
                  "--out", str(profile)]) == EXIT_OK
-    assert json.loads(capsys.readouterr().out)["validation"]["n"] == 30  # --quick's validation set
+    validation = json.loads(capsys.readouterr().out)["validation"]
+    assert validation["n"] == 30  # --quick's validation set
+    assert set(validation["mape_per_stage_width"]) <= {f"stage{s}@{w}" for s in range(3) for w in ("0.5", "0.75", "1")}
+    assert len(validation["mape_per_stage_width"]) >= 6  # held-out networks of (nearly) every stage width
 
     out = tmp_path / "search"
     assert main(["search", "--supernet", str(sn), "--profile", str(profile), "--pop", "4", "--gens", "2",
@@ -86,6 +90,11 @@ def test_every_subcommand_on_tiny_inputs(tmp_path: Path, tiny_spec: str, fake_de
     assert main(["predict", "--profile", str(profile), str(first)]) == EXIT_OK
     predicted = json.loads(capsys.readouterr().out)["latency_ms"][str(first)]
     assert predicted == pytest.approx(report["members"][0]["predicted_latency_ms"], abs=1e-4)
+    narrow = tmp_path / "narrow.json"
+    g = Genotype.load(first)
+    Genotype(g.normal, g.reduce, g.macro, width=(0.5, 0.75, 0.5)).save(narrow)
+    assert main(["predict", "--profile", str(profile), str(narrow)]) == EXIT_OK
+    assert 0 < json.loads(capsys.readouterr().out)["latency_ms"][str(narrow)] < predicted  # profiles cover widths
     assert main(["measure", str(first), "--rounds", "2", "--runs", "3"]) == EXIT_OK
     assert json.loads(capsys.readouterr().out)["latency_ms"][str(first)] > 0
 
