@@ -150,3 +150,14 @@ def test_fused_relu_cache_is_per_forward() -> None:
     # the stem output (both inputs of cell 0) and the inputs of the two stride-2 skip_connects
     # (FactorizedReduce) inside the reduction cells; cells 0-2 emit their output rectified already
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_even_factorized_reduce_gradchecks_and_matches_the_module(layout) -> None:
+    """The hand-written backward of the even-size FactorizedReduce (each quarter of x's gradient written once)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    w1, w2 = (torch.randn(2, 3, 1, 1, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(fast_ops._EvenFactorizedReduce.apply, (x, w1, w2))
+    want = torch.cat([F.conv2d(x, w1, stride=2), F.conv2d(F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:], w2, stride=2)], 1)
+    torch.testing.assert_close(fast_ops._EvenFactorizedReduce.apply(x, w1, w2), want)

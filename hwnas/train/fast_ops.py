@@ -8,8 +8,9 @@ Eager PyTorch spends most of a CPU training step in the depthwise convolutions' 
   oneDNN's fwd+bwd, far more on stride 2 and 5x5), BatchNorms (hwnas::bn_nhwc, two passes each way),
   each cell's output concatenated and rectified in one pass (hwnas::cat_relu_nhwc: every cell output but
   the last is read only by ReLU-first preprocessing, and ReLU is idempotent), one ReLU per tensor where
-  several preprocessings read it (the stem output), and FactorizedReduce without its padded copy at even
-  sizes. Falls back to "channels_last" when hwnas._C lacks these kernels.
+  several preprocessings read it (the stem output), the stem's BatchNorm on hwnas::bn_nhwc too, and
+  FactorizedReduce at even sizes without its padded copy and with a backward that writes x's gradient once
+  (autograd's builds it three times over, from freshly zeroed tensors). Falls back to "channels_last" when hwnas._C lacks these kernels.
 * "channels_last": plain ATen ops on NHWC tensors.
 * "compiled": SepConv/DilConv depthwise convs on hwnas::dwconv (NCHW), 1x1 convs as bmm.
 * "eager": nothing changes.
@@ -173,9 +174,53 @@ def _factorized_reduce_forward_nhwc(self: nn.Module, x: torch.Tensor) -> torch.T
     x = self._hwnas_relu(x)
     if x.shape[2] % 2 or x.shape[3] % 2:
         shifted = self.conv_2(F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:])
-    else:
-        shifted = F.conv2d(x[:, :, 1::2, 1::2], self.conv_2.weight)
-    return batch_norm_nhwc(self.bn, torch.cat([self.conv_1(x), shifted], dim=1))
+        return batch_norm_nhwc(self.bn, torch.cat([self.conv_1(x), shifted], dim=1))
+    return batch_norm_nhwc(self.bn, _EvenFactorizedReduce.apply(x, self.conv_1.weight, self.conv_2.weight))
+
+
+class _EvenFactorizedReduce(torch.autograd.Function):
+    """cat(conv1x1(x at (2i, 2j), w1), conv1x1(x at (2i+1, 2j+1), w2)) for even H and W.
+
+    Autograd's own backward builds x's gradient three times over (the stride-2 convolution's, and a zero
+    tensor per slice of the shifted path's view, then their sum); those zero fills of fresh full-size
+    tensors cost more than the convolutions. Here the four interleaved quarters of x's gradient are each
+    written once: the two convolutions' input gradients and two zero quarters.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        ctx.save_for_backward(x, w1, w2)
+        return torch.cat([F.conv2d(x[:, :, ::2, ::2], w1), F.conv2d(x[:, :, 1::2, 1::2], w2)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        x, w1, w2 = ctx.saved_tensors
+        n, c, h, w = x.shape
+        grads = grad.split([w1.shape[0], w2.shape[0]], dim=1)
+        grad_x = torch.empty_like(x)
+        quarters = grad_x.view(n, c, h // 2, 2, w // 2, 2)  # splitting H and W is a view in any layout
+        grad_ws = []
+        for (row, col), g, weight in zip(((0, 0), (1, 1)), grads, (w1, w2)):
+            part = x[:, :, row::2, col::2]
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                g, part, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [ctx.needs_input_grad[0], True, False],
+            )
+            if gx is not None:
+                quarters[:, :, :, row, :, col].copy_(gx)
+            grad_ws.append(gw)
+        quarters[:, :, :, 0, :, 1].zero_()
+        quarters[:, :, :, 1, :, 0].zero_()
+        return grad_x if ctx.needs_input_grad[0] else None, grad_ws[0], grad_ws[1]
+
+
+def _stem_bn_forward_nhwc(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The stem's BatchNorm on hwnas::bn_nhwc (ATen's NHWC BatchNorm backward is several times slower)."""
+    from hwnas.kernels.nhwc import batch_norm_nhwc
+
+    if x.device.type != "cpu" or not (self.training and self.affine and self.running_mean is not None):
+        return nn.BatchNorm2d.forward(self, x)
+    return batch_norm_nhwc(self, x)
 
 
 _FORWARDS = ((SepConv, _sep_dil_forward), (DilConv, _sep_dil_forward), (ReLUConvBN, _relu_conv_bn_forward))
@@ -227,6 +272,10 @@ def fast_training(net: nn.Module, mode: str = DEFAULT_MODE) -> Iterator[str]:
                         module._hwnas_relu = relu_cache
                     swapped.append(module)
         if mode == "fused" and type(net) is Network:
+            stem_bn = net.stem[-1]
+            if type(stem_bn) is nn.BatchNorm2d and "forward" not in stem_bn.__dict__:
+                stem_bn.forward = types.MethodType(_stem_bn_forward_nhwc, stem_bn)
+                swapped.append(stem_bn)
             # Every cell's output but the last cell's (global pooling reads it) feeds ReLU-first modules only.
             cells = [cell for cell in net.cells if type(cell) is Cell and "forward" not in cell.__dict__]
             for cell in cells[:-1]:
