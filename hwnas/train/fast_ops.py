@@ -199,9 +199,11 @@ class _EvenFactorizedReduce(torch.autograd.Function):
         grads = grad.split([w1.shape[0], w2.shape[0]], dim=1)
         grad_x = torch.empty_like(x)
         quarters = grad_x.view(n, c, h // 2, 2, w // 2, 2)  # splitting H and W is a view in any layout
+        # In x's own layout, so that each quarter's gradient comes back in it and copies in along channels.
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         grad_ws = []
         for (row, col), g, weight in zip(((0, 0), (1, 1)), grads, (w1, w2)):
-            part = x[:, :, row::2, col::2]
+            part = x[:, :, row::2, col::2].contiguous(memory_format=layout)
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 g, part, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                 [ctx.needs_input_grad[0], True, False],
