@@ -15,12 +15,10 @@ Eager PyTorch spends most of a CPU training step in the depthwise convolutions' 
 * "compiled": SepConv/DilConv depthwise convs on hwnas::dwconv (NCHW), 1x1 convs as bmm.
 * "eager": nothing changes.
 
-Measured side by side (PYTHONPATH=. python3 benchmarks/train_speed.py --rounds 9 [--threads 1]: C=16,
-5 cells, 28x28, batch 128, forward + backward + SGD step, interleaved rounds; AMD EPYC, 2 cores shared
-with other jobs): `--threads 1` medians fused 0.54 s = 2.54x eager (channels_last 1.60x, compiled 1.13x;
-benchmarks/results/train_speed_cpu_1thread.json). At 2 threads the other jobs' load dominates (steps
-stretch 5-30x); the quiet rounds of an earlier 2-thread run: eager 0.82-1.0 s, channels_last 0.52-0.56 s,
-fused 0.32-0.33 s (about 3x); the recorded loaded run's fastest steps give fused 3.1x, channels_last 1.9x.
+Measured side by side (python benchmarks/train_speed.py --rounds 9 --threads 2: C=16, 5 cells, 28x28, batch
+128, forward + backward + SGD step, interleaved rounds, medians; AMD EPYC, 2 cores, quiet, 2026-12-05):
+fused 0.319 s = 2.98x eager, channels_last 1.81x, compiled 1.38x (benchmarks/results/train_speed_cpu.json;
+docs/results.md has the history and the 1-thread figures).
 The modules, their parameters and state_dict stay untouched: only the instances' `forward` is swapped
 for the duration (and the parameters are channels-last inside the block), so what is exported afterwards
 is the plain nn graph. Without the compiled extension "compiled" is eager and "fused" is channels_last.
