@@ -11,7 +11,8 @@ resolutions (`--resolutions`), depths and widths from a supernet trained with al
 supernet is trained single-path only and no derived cell joins the ground truth. The second target,
 max(0.4, 0.7 x split-half ceiling), is the one of issue 15 for such a set.
 `--guards` also compares the DARTS collapse guards, `--demo` measures the default macro (supernet
-training time, best stand-alone test accuracy).
+training time, best stand-alone test accuracy). `--workers N` / `--scheduler ADDR` train the ground truth
+on a Dask cluster (the export's hwnas.export.parallel), seed by seed.
 
     python benchmarks/ranking.py --quick        # a few minutes
     python benchmarks/ranking.py                # the figures quoted in the README
@@ -24,6 +25,7 @@ training time, best stand-alone test accuracy).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -33,6 +35,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,6 +43,7 @@ from scipy.stats import kendalltau, spearmanr
 
 from hwnas.config import DEFAULT_MACRO, MacroConfig, SupernetConfig
 from hwnas.data import load_dataset, splits_at
+from hwnas.export.parallel import dask_client, train_runs, wants_dask
 from hwnas.space.genotype import STEPS, Genotype, SearchSpace
 from hwnas.space.network import Network, build_network, count_params
 from hwnas.space.ops import GENOTYPE_OPS
@@ -152,8 +156,29 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def seed_scores(cells: list[Genotype], data, epochs: int, seed: int,
+                client=None) -> Iterator[tuple[Genotype, tuple[float, float]]]:
+    """(cell, (test accuracy, test loss)) of one stand-alone training per cell, here or on a Dask `client`.
+
+    In process each result comes as soon as it is trained. On Dask the seed's runs go out together (through
+    the export's hwnas.export.parallel.train_runs) and the loss is the trained network's test pass here.
+    """
+    if client is None:
+        for g in cells:
+            yield g, train_and_score(g, splits_at(data, g.macro.resolution), epochs, seed)
+        return
+    results = train_runs([(g, seed) for g in cells], lambda g: splits_at(data, g.macro.resolution), epochs,
+                         train_network, client)
+    for g in cells:
+        found = results[(g.arch_id, seed)]
+        if isinstance(found, Exception):
+            raise found
+        net, test_acc = found
+        yield g, (test_acc, evaluate(net, splits_at(data, g.macro.resolution).test)[1])
+
+
 def ground_truth(cells: list[Genotype], data, epochs: int, seeds: int, cache: Path | None = None,
-                 tag: str = "") -> dict:
+                 tag: str = "", workers: int = 0, scheduler: str | None = None) -> dict:
     """Stand-alone test accuracy/loss per cell and seed, their means and the seed-to-seed ceiling.
 
     `cache` (JSON) keeps finished trainings keyed by arch_id, seed and epochs, so a rerun of the benchmark
@@ -161,23 +186,29 @@ def ground_truth(cells: list[Genotype], data, epochs: int, seeds: int, cache: Pa
     The trainings run seed by seed over all cells, so an interrupted run leaves whole seeds in the cache.
     `tag` is appended to the keys (the dataset and training-set size of a non-default run), so runs on
     different data or subsets do not collide; the default digits run keeps its historical keys.
+    `workers` > 1 (a Dask LocalCluster) or a Dask `scheduler` address trains each seed's runs on that cluster.
     """
     store = json.loads(cache.read_text()) if cache is not None and cache.exists() else {"schema_version": 1, "runs": {}}
     acc = np.zeros((len(cells), seeds))
     loss = np.zeros((len(cells), seeds))
-    for s in range(seeds):
-        t0 = time.perf_counter()
-        for i, g in enumerate(cells):
-            splits = splits_at(data, g.macro.resolution)
-            key = f"{g.arch_id}:seed{s}:epochs{epochs}:test{len(splits.test)}{tag}"
-            if key not in store["runs"]:
-                test_acc, test_loss = train_and_score(g, splits, epochs, s)
-                store["runs"][key] = {"acc": test_acc, "loss": test_loss}
+
+    def key(g: Genotype, s: int) -> str:
+        return f"{g.arch_id}:seed{s}:epochs{epochs}:test{len(splits_at(data, g.macro.resolution).test)}{tag}"
+
+    missing = any(key(g, s) not in store["runs"] for s in range(seeds) for g in cells)
+    on_dask = missing and wants_dask(workers, scheduler)
+    with dask_client(workers, scheduler) if on_dask else contextlib.nullcontext() as client:
+        for s in range(seeds):
+            t0 = time.perf_counter()
+            todo = [g for g in cells if key(g, s) not in store["runs"]]
+            for g, (test_acc, test_loss) in seed_scores(todo, data, epochs, s, client):
+                store["runs"][key(g, s)] = {"acc": test_acc, "loss": test_loss}
                 if cache is not None:
                     cache.write_text(json.dumps(store, indent=1) + "\n")
-            acc[i, s], loss[i, s] = store["runs"][key]["acc"], store["runs"][key]["loss"]
-        logging.info("ground truth seed %d/%d (%.0f s): acc %s", s + 1, seeds, time.perf_counter() - t0,
-                     np.round(acc[:, s], 4).tolist())
+            for i, g in enumerate(cells):
+                acc[i, s], loss[i, s] = store["runs"][key(g, s)]["acc"], store["runs"][key(g, s)]["loss"]
+            logging.info("ground truth seed %d/%d (%.0f s): acc %s", s + 1, seeds, time.perf_counter() - t0,
+                         np.round(acc[:, s], 4).tolist())
     pairs = list(itertools.combinations(range(seeds), 2))
     ceiling = {
         "accuracy": float(np.mean([kendalltau(acc[:, a], acc[:, b])[0] for a, b in pairs])),
@@ -222,7 +253,7 @@ def ranking(args: argparse.Namespace) -> dict:
     gt_wall = 0.0
     if cfg.epochs == 0:
         t0 = time.perf_counter()
-        ground_truth(cells, data, args.gt_epochs, args.seeds, args.gt_cache, tag)
+        ground_truth(cells, data, args.gt_epochs, args.seeds, args.gt_cache, tag, args.workers, args.scheduler)
         gt_wall += time.perf_counter() - t0
 
     snapshots: dict[int, dict] = {}
@@ -250,7 +281,7 @@ def ranking(args: argparse.Namespace) -> dict:
     derived = snapshots[last]["derived"] if cfg.epochs else None
     all_cells = cells + [derived] if derived is not None else list(cells)
     t0 = time.perf_counter()
-    gt = ground_truth(all_cells, data, args.gt_epochs, args.seeds, args.gt_cache, tag)
+    gt = ground_truth(all_cells, data, args.gt_epochs, args.seeds, args.gt_cache, tag, args.workers, args.scheduler)
     gt_wall += time.perf_counter() - t0
     truth_acc, truth_loss = gt["acc"].mean(1), -gt["loss"].mean(1)
 
@@ -426,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", action="store_true", help="default macro: supernet time and best stand-alone accuracy")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument("--gt-cache", type=Path, help="JSON file reusing stand-alone results across runs")
+    p.add_argument("--workers", type=int, default=0,
+                   help="> 1: train the ground truth on a Dask LocalCluster of N one-thread processes")
+    p.add_argument("--scheduler", default=None, help="train the ground truth on the Dask scheduler at this address")
     args = p.parse_args(argv)
     if args.quick:
         args.cells, args.seeds, args.gt_epochs = 8, 2, 4

@@ -217,8 +217,11 @@ def _run(args: argparse.Namespace) -> int:
     from hwnas.pipeline import plan_for
 
     plan = plan_for(args.data, args.quick)  # an unknown --data is an input error before any folder is made
+    if args.workers < 0:
+        raise ValueError(f"--workers must be a non-negative integer, got {args.workers}")
     out = _writable_dir(_run_out(args), "--out")
-    summary = run_pipeline(out, quick=args.quick, progress=_run_progress, plan=plan)
+    summary = run_pipeline(out, quick=args.quick, progress=_run_progress, plan=plan, workers=args.workers,
+                           scheduler=args.scheduler)
     print("\n".join(summary["lines"]))
     return EXIT_OK if summary["ok"] else EXIT_CHECKS_FAILED
 
@@ -284,6 +287,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="digits", help=f"{RUN_DATA} (default %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default hwnas-run, or hwnas-run-quick with --quick; "
                    "hwnas-run-<data>[-quick] for other data); rerun the same command to resume")
+    p.add_argument("--workers", type=int, default=0,
+                   help="> 1: evaluate the search and train the chosen members on a Dask LocalCluster of N processes")
+    p.add_argument("--scheduler", default=None,
+                   help="evaluate and train on the Dask scheduler at this address, e.g. tcp://host:8786")
     p.set_defaults(handler=_run, interrupted=_run_interrupted)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,8 +70,6 @@ RUN_DATA = "digits | fashion-mnist | idx:DIR (MNIST-format files)"
 
 def plan_for(data: str = "digits", quick: bool = False) -> RunPlan:
     """The built-in plan of `hwnas run` for data set `data` (digits, fashion-mnist or idx:DIR)."""
-    from dataclasses import replace
-
     kind = "quick" if quick else "full"
     if data == "digits":
         return PLANS[kind]
@@ -133,10 +131,13 @@ def _stage(lines: list[str], name: str, t0: float) -> None:
 
 def run_pipeline(out_dir: Path, quick: bool = False,
                  progress: Callable[[str, Any], Callable | None] | None = None,
-                 plan: RunPlan | None = None, data: str = "digits") -> dict[str, Any]:
+                 plan: RunPlan | None = None, data: str = "digits",
+                 workers: int = 0, scheduler: str | None = None) -> dict[str, Any]:
     """Train supernet -> profile (shipped or quick) -> NSGA-II + random baseline -> export + verify -> plot.
 
-    `plan` replaces the built-in plan_for(data, quick) (tests run a tiny one).
+    `plan` replaces the built-in plan_for(data, quick) (tests run a tiny one). `workers` > 1 (a Dask
+    LocalCluster) or a Dask `scheduler` address spreads the search's evaluations and the stand-alone training
+    runs of the export over that cluster; the results are the same as in process, so a resumed run may change them.
     `progress(stage, plan)` returns the callback for stage "supernet", "profile", "search" or
     "export" in that stage's own signature (see hwnas.train, hwnas.profiling.profiler, hwnas.search), or None.
     """
@@ -170,7 +171,7 @@ def run_pipeline(out_dir: Path, quick: bool = False,
 
     # 3. search (NSGA-II, then random search at the same number of evaluations for the plot)
     search_dir = out_dir / "search"
-    cfg = plan.search
+    cfg = replace(plan.search, workers=workers, scheduler=scheduler) if workers or scheduler else plan.search
     problem = build_problem(sn_dir, profile_paths, cfg)
     front, baseline = run_search(problem, cfg, search_dir, resume=True, compare_random=True,
                                  progress=progress("search", plan) if progress else None,
@@ -184,7 +185,7 @@ def run_pipeline(out_dir: Path, quick: bool = False,
     train_ids = {front.members[i].arch_id for i in trained}
     report = export_front(front, out_dir / "export", profile=profiles, train_epochs=plan.train_epochs,
                           data=load_elastic_data(sn_cfg), train_ids=train_ids, train_seeds=plan.train_seeds,
-                          progress=progress("export", plan) if progress else None)
+                          progress=progress("export", plan) if progress else None, workers=workers, scheduler=scheduler)
     lines.append(format_table(report))
     _stage(lines, f"export done: {out_dir / 'export'}", t0)
     lines.append(f"plot: {search_dir / PLOT}")

@@ -23,10 +23,15 @@ def test_trained_members_include_most_accurate_and_fastest() -> None:
 
 
 @pytest.mark.parametrize("elastic", [False, True])
-def test_hwnas_run_end_to_end_on_a_tiny_plan(tmp_path, tiny_spec, fake_device, monkeypatch, capsys, elastic) -> None:
+def test_hwnas_run_end_to_end_on_a_tiny_plan(tmp_path, tiny_spec, fake_device, monkeypatch, capsys, caplog,
+                                             elastic) -> None:
     """`hwnas run --quick` through main() with a tiny plan: every stage's files, a passing report, exit 0; with
-    elastic depth and width, the profile covers every width and the exported networks have the chosen widths."""
+    elastic depth and width, the profile covers every width and the exported networks have the chosen widths.
+    Without them the run goes through a Dask scheduler (`--scheduler`): the search and the training too (an
+    in-process cluster keeps the test fast; `--workers N` starts a process cluster the same code then uses)."""
+    import contextlib
     import json
+    import logging
 
     from hwnas.profiling.device_profile import DeviceProfile
     from hwnas.space import Genotype, Network, count_params
@@ -42,8 +47,19 @@ def test_hwnas_run_end_to_end_on_a_tiny_plan(tmp_path, tiny_spec, fake_device, m
         profile_sizes={"n_calibration": 8, "n_validation": 4, "runs": 2, "rounds": 2, "warmup": 0})
     monkeypatch.setitem(pipeline.PLANS, "quick", tiny)
     out = tmp_path / "run"
-    assert main(["run", "--quick", "--out", str(out)]) == 0
+    caplog.set_level(logging.INFO, logger="hwnas")
+    with contextlib.ExitStack() as stack:
+        args = ["run", "--quick", "--out", str(out)]
+        if not elastic:
+            distributed = pytest.importorskip("dask.distributed")
+            cluster = stack.enter_context(distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                                                   dashboard_address=None))
+            args += ["--scheduler", cluster.scheduler_address]
+        assert main(args) == 0
     printed = capsys.readouterr().out
+    on_dask = [r.getMessage() for r in caplog.records if "Dask" in r.getMessage()]
+    assert (any("evaluating through Dask" in m for m in on_dask)
+            and any("training 1 runs on Dask" in m for m in on_dask)) != elastic, on_dask
     for name in ("supernet/supernet.pt", "profile-8px.json", "search/front.json", "search/random_front.json",
                  "search/pareto.png", "export/export_report.json"):
         assert (out / name).is_file(), name
@@ -85,6 +101,13 @@ def test_hwnas_run_rejects_data_it_has_no_plan_for(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "plans for" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())  # no output folder made
+
+
+def test_hwnas_run_rejects_negative_workers(tmp_path, capsys) -> None:
+    from hwnas.cli import EXIT_BAD_INPUT, main
+
+    assert main(["run", "--quick", "--workers", "-1", "--out", str(tmp_path / "run")]) == EXIT_BAD_INPUT
+    assert "--workers" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
 
 def test_hwnas_run_names_its_folder_after_the_data(tmp_path) -> None:
