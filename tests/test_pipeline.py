@@ -52,7 +52,8 @@ def test_hwnas_run_end_to_end_on_a_tiny_plan(tmp_path, tiny_spec, fake_device, m
         args = ["run", "--quick", "--out", str(out)]
         if not elastic:
             distributed = pytest.importorskip("dask.distributed")
-            cluster = stack.enter_context(distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+            # One worker thread: the supernet and torch's global generator would be shared by threads of a process.
+            cluster = stack.enter_context(distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
                                                                    dashboard_address=None))
             args += ["--scheduler", cluster.scheduler_address]
         assert main(args) == 0

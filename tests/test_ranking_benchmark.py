@@ -66,24 +66,23 @@ def test_tiny_single_path_run_with_cache(ranking, tmp_path):
     assert set(r["target_split_half"]) == {"kendall_min", "met", "rule"}
 
 
-def test_ground_truth_on_a_dask_scheduler_equals_in_process(ranking, tiny_spec, tiny_macro, tmp_path,
-                                                            one_torch_thread):
-    """--scheduler trains the ground truth on a cluster: the same accuracies and losses, cached run by run."""
+def test_ground_truth_on_a_local_cluster_equals_in_process(ranking, tiny_spec, tiny_macro, tmp_path,
+                                                          one_torch_thread):
+    """--workers trains the ground truth on a Dask LocalCluster: the same accuracies and losses, cached run by run."""
     from dataclasses import replace
 
     import numpy as np
 
     from hwnas.data import load_dataset
 
-    distributed = pytest.importorskip("dask.distributed")
+    pytest.importorskip("dask.distributed")
     macro = replace(tiny_macro, classes=3)  # the tiny_spec data set has 3 classes
     data = load_dataset(tiny_spec, resolution=macro.resolution)
     cells, _ = ranking.random_cells(2, 0, macro)
     local = ranking.ground_truth(cells, data, 1, 2)
     cache = tmp_path / "gt.json"
-    # An in-process cluster keeps the test fast; --workers N starts a process one the same code then uses.
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        remote = ranking.ground_truth(cells, data, 1, 2, cache=cache, scheduler=cluster.scheduler_address)
+    # Worker processes of one torch thread, like this test's: the runs match bit for bit.
+    remote = ranking.ground_truth(cells, data, 1, 2, cache=cache, workers=2)
     assert remote["acc"].tolist() == local["acc"].tolist()
     np.testing.assert_allclose(remote["loss"], local["loss"], rtol=1e-6)
     assert len(json.loads(cache.read_text())["runs"]) == 4
