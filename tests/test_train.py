@@ -140,6 +140,46 @@ def test_train_network_learns_and_is_seeded(tiny_spec: str, tiny_macro: MacroCon
         train_network(SearchSpace(tiny_macro).sample(np.random.default_rng(0)), data, epochs=1)
 
 
+def test_threads_training_at_once_keep_their_seeded_initialisation(tiny_spec: str, tiny_macro: MacroConfig,
+                                                                    monkeypatch) -> None:
+    """Two threads of one process (a multi-threaded Dask worker) share torch's global generator: each network
+    still starts from its own seed's weights, as when trained alone."""
+    import threading
+    import time
+
+    from hwnas.train import standalone
+
+    data = load_dataset(tiny_spec, resolution=8)
+    g = SearchSpace(replace(tiny_macro, classes=CLASSES)).sample(np.random.default_rng(0))
+    network = standalone.Network
+    alone = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        alone[seed] = network(g).state_dict()
+    built: dict[str, dict] = {}
+
+    class Stop(Exception):
+        pass
+
+    def slow_network(genotype):
+        time.sleep(0.2)  # widens the window between seeding and drawing the weights
+        built[threading.current_thread().name] = network(genotype).state_dict()
+        raise Stop  # the initial weights are all this test needs
+
+    def first_weights(seed: int) -> None:
+        with pytest.raises(Stop):
+            train_network(g, data, epochs=1, seed=seed)
+
+    monkeypatch.setattr(standalone, "Network", slow_network)
+    threads = [threading.Thread(target=first_weights, args=(seed,), name=f"seed{seed}") for seed in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for seed in (0, 1):
+        assert all(torch.equal(built[f"seed{seed}"][k], alone[seed][k]) for k in alone[seed]), seed
+
+
 def test_elastic_supernet_trains_and_estimates_every_resolution(cfg: SupernetConfig, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from hwnas.space.supernet import Supernet

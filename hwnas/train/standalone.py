@@ -1,6 +1,7 @@
 """Stand-alone training of one discrete network from scratch, evaluated on the held-out test split."""
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import torch
@@ -14,6 +15,7 @@ from hwnas.space.network import Network
 from hwnas.train.fast_ops import DEFAULT_MODE, fast_training
 
 Progress = Callable[[int, int, dict[str, Any]], None]  # (steps done, total steps, latest metrics)
+_SEEDED_INIT = threading.Lock()
 
 
 @torch.no_grad()
@@ -58,7 +60,9 @@ def train_network(
         )
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    with torch.random.fork_rng():  # seeded initialisation without disturbing the caller's RNG
+    # Seeded initialisation without disturbing the caller's RNG; the lock keeps it seeded when threads of one
+    # process train at once (a Dask worker with several threads): they share torch's global generator.
+    with _SEEDED_INIT, torch.random.fork_rng():
         torch.manual_seed(seed)
         net = Network(genotype)
     if optimizer == "sgd":
