@@ -137,7 +137,7 @@ def run_pipeline(out_dir: Path, quick: bool = False,
 
     `plan` replaces the built-in plan_for(data, quick) (tests run a tiny one). `workers` > 1 (a Dask
     LocalCluster) or a Dask `scheduler` address spreads the search's evaluations and the stand-alone training
-    runs of the export over that cluster; the results are the same as in process, so a resumed run may change them.
+    runs of the export over that cluster (one-thread workers: the results of an in-process run at one torch thread).
     `progress(stage, plan)` returns the callback for stage "supernet", "profile", "search" or
     "export" in that stage's own signature (see hwnas.train, hwnas.profiling.profiler, hwnas.search), or None.
     """
