@@ -257,25 +257,38 @@ def ranking(args: argparse.Namespace) -> dict:
         gt_wall += time.perf_counter() - t0
 
     snapshots: dict[int, dict] = {}
+    # Few-shot: one supernet per input resolution (each keeps elastic depth and width), every cell
+    # estimated by the supernet of its own resolution.
+    if args.few_shot:
+        groups = [(replace(cfg, macro=replace(macro, resolution=r), resolutions=()),
+                   [i for i, g in enumerate(cells) if g.macro.resolution == r]) for r in (macro.resolution, *extra)]
+    else:
+        groups = [(cfg, list(range(len(cells))))]
 
-    def on_epoch(epoch: int, supernet) -> None:
-        if epoch in track:
+    def on_epoch_for(members: list[int]):
+        def on_epoch(epoch: int, supernet) -> None:
+            if epoch not in track:
+                return
             t1 = time.perf_counter()
             g = supernet.derive()
-            genos = cells + [g] if cfg.epochs else cells
-            snapshots[epoch] = {"derived": g}
+            genos = [cells[i] for i in members] + ([g] if cfg.epochs else [])
+            snap = snapshots.setdefault(epoch, {"derived": g, "estimate_wall_s": 0.0})
+            splits = splits_at(data, supernet.macro.resolution) if args.few_shot else data
             for bn in ("recal", "no_recal"):
-                est = AccuracyEstimator(supernet, data, recalibrate_bn=bn == "recal")
-                # Negated so that, like the ground truth, higher is better.
-                snapshots[epoch][f"error_{bn}"] = -est.error(genos)
-                snapshots[epoch][f"loss_{bn}"] = -est.loss(genos)
-            snapshots[epoch]["estimate_wall_s"] = time.perf_counter() - t1
+                est = AccuracyEstimator(supernet, splits, recalibrate_bn=bn == "recal")
+                for name, values in (("error", est.error(genos)), ("loss", est.loss(genos))):
+                    # Negated so that, like the ground truth, higher is better.
+                    column = snap.setdefault(f"{name}_{bn}", np.zeros(len(cells) + bool(cfg.epochs)))
+                    column[members + ([len(cells)] if cfg.epochs else [])] = -values
+            snap["estimate_wall_s"] += time.perf_counter() - t1
             logging.info("estimates after epoch %d (%.0f s): acc %s", epoch, time.perf_counter() - t1,
-                         np.round(snapshots[epoch]["error_recal"] + 1, 4).tolist())
+                         np.round(snap["error_recal"] + 1, 4).tolist())
+        return on_epoch
 
     t0, c0 = time.perf_counter(), cpu_seconds()
-    with tempfile.TemporaryDirectory() as tmp:
-        train_supernet(cfg, Path(tmp) / "sn", epoch_callback=on_epoch)
+    for group_cfg, members in groups:
+        with tempfile.TemporaryDirectory() as tmp:
+            train_supernet(group_cfg, Path(tmp) / "sn", epoch_callback=on_epoch_for(members))
     supernet_wall, supernet_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     estimate_wall = sum(snap["estimate_wall_s"] for snap in snapshots.values())
     derived = snapshots[last]["derived"] if cfg.epochs else None
@@ -326,6 +339,7 @@ def ranking(args: argparse.Namespace) -> dict:
         "train_images": len(base.train),
         "macro": macro.to_dict(),
         "cell_set": args.cell_set,
+        "few_shot": args.few_shot,
         "cells": len(all_cells),
         "seeds": args.seeds,
         "gt_epochs": args.gt_epochs,
@@ -448,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampling", default="uniform")
     p.add_argument("--sandwich", action="store_true", help="supernet steps also train the largest and smallest sub-network")
     p.add_argument("--distill", action="store_true", help="with --sandwich: in-place distillation from the largest")
+    p.add_argument("--few-shot", action="store_true",
+                   help="--cell-set elastic: one supernet per input resolution (each --sample-epochs long)")
     p.add_argument("--track-every", type=int, default=10, help="estimate every N epochs too (0: final epoch only)")
     p.add_argument("--guard-epochs", type=int, default=8)
     p.add_argument("--demo-epochs", type=int, default=15)
@@ -465,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         args.cells, args.seeds, args.gt_epochs = 8, 2, 4
         args.bilevel_epochs, args.sample_epochs, args.track_every = 2, 6, 3
         args.guard_epochs, args.demo_epochs = 2, 3
+    if args.few_shot and (args.cell_set != "elastic" or args.bilevel_epochs):
+        p.error("--few-shot needs --cell-set elastic and --bilevel-epochs 0")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     report: dict = {"argv": ["python", "benchmarks/ranking.py", *(sys.argv[1:] if argv is None else argv)],

@@ -212,13 +212,13 @@ def parse_provider_options(items: Sequence[str] | None) -> dict[str, str]:
 
 def _run(args: argparse.Namespace) -> int:
     """The whole pipeline on the embedded default: supernet, profile, search, export, plot."""
-    from hwnas.pipeline import run_pipeline
-
-    from hwnas.pipeline import plan_for
+    from hwnas.export.parallel import check_cluster
+    from hwnas.pipeline import plan_for, run_pipeline
 
     plan = plan_for(args.data, args.quick)  # an unknown --data is an input error before any folder is made
     if args.workers < 0:
         raise ValueError(f"--workers must be a non-negative integer, got {args.workers}")
+    check_cluster(args.workers, args.scheduler)  # as is an unreachable scheduler
     out = _writable_dir(_run_out(args), "--out")
     summary = run_pipeline(out, quick=args.quick, progress=_run_progress, plan=plan, workers=args.workers,
                            scheduler=args.scheduler)

@@ -142,11 +142,13 @@ def run_pipeline(out_dir: Path, quick: bool = False,
     "export" in that stage's own signature (see hwnas.train, hwnas.profiling.profiler, hwnas.search), or None.
     """
     from hwnas.export import export_front, format_table
+    from hwnas.export.parallel import check_cluster
     from hwnas.profiling.device_profile import DeviceProfile
     from hwnas.search.session import PLOT, build_problem, run_search, summary_lines
     from hwnas.train import load_elastic_data, load_supernet, train_supernet
 
     plan = plan or plan_for(data, quick)
+    check_cluster(workers, scheduler)  # an unreachable scheduler fails now, not after the supernet's training
     t0 = time.perf_counter()
     lines: list[str] = []
     out_dir = Path(out_dir)

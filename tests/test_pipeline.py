@@ -123,3 +123,16 @@ def test_hwnas_run_names_its_folder_after_the_data(tmp_path) -> None:
     assert out(data="fashion-mnist", quick=True) == "hwnas-run-fashion-mnist-quick"
     assert out(data="idx:/data/kmnist/") == "hwnas-run-kmnist"
     assert out(data="idx:/data/k mnist", out="x") == "x"
+
+
+def test_hwnas_run_checks_the_scheduler_before_any_work(tmp_path, monkeypatch, capsys) -> None:
+    """An unreachable --scheduler is an error at once, not after the supernet's training and the profile."""
+    from hwnas.cli import EXIT_BAD_INPUT, main
+    from hwnas.export import parallel
+
+    monkeypatch.setattr(parallel, "CONNECT_TIMEOUT_S", 1)
+    out = tmp_path / "run"
+    assert main(["run", "--quick", "--scheduler", "tcp://127.0.0.1:1", "--out", str(out)]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "cannot reach the Dask scheduler at 'tcp://127.0.0.1:1'" in err and "Traceback" not in err
+    assert not out.exists()  # nothing trained, nothing written

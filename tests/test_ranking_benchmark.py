@@ -66,6 +66,23 @@ def test_tiny_single_path_run_with_cache(ranking, tmp_path):
     assert set(r["target_split_half"]) == {"kendall_min", "met", "rule"}
 
 
+
+def test_few_shot_estimates_every_cell_with_its_resolutions_supernet(ranking, tmp_path):
+    out = tmp_path / "r.json"
+    argv = ["--cell-set", "elastic", "--cells", "4", "--resolutions", "6", "--resolution", "8", "--seeds", "2",
+            "--gt-epochs", "1", "--bilevel-epochs", "0", "--sample-epochs", "1", "--track-every", "0",
+            "--train-subset", "300", "--few-shot", "--out", str(out)]
+    assert ranking.main(argv) == 0
+    r = json.loads(out.read_text())["ranking"]
+    assert r["few_shot"] and {c["resolution"] for c in r["per_cell"]} <= {6, 8}
+    # every cell got an estimate (an unfilled slot would read 100 % accuracy)
+    assert all(0.0 < c["estimated_acc"] < 1.0 for c in r["per_cell"])
+
+
+def test_few_shot_needs_an_elastic_single_path_set(ranking):
+    with pytest.raises(SystemExit):
+        ranking.main(["--cell-set", "random", "--few-shot"])
+
 def test_ground_truth_on_a_local_cluster_equals_in_process(ranking, tiny_spec, tiny_macro, tmp_path,
                                                           one_torch_thread):
     """--workers trains the ground truth on a Dask LocalCluster: the same accuracies and losses, cached run by run."""

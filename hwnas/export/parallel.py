@@ -20,27 +20,47 @@ log = logging.getLogger(__name__)
 TrainFn = Callable[[Genotype, Any, int, int], tuple[torch.nn.Module, float]]  # (genotype, splits, epochs, seed)
 
 
+CONNECT_TIMEOUT_S = 30  # how long a scheduler address is retried before it counts as unreachable
+
+
 def wants_dask(workers: int, scheduler: str | None) -> bool:
     """Whether these options ask for a Dask cluster (a scheduler address, or more than one worker)."""
     return bool(scheduler) or workers > 1
 
 
+def _distributed() -> Any:
+    """The dask.distributed module, or a ValueError saying how to install it."""
+    try:
+        import dask.distributed
+    except ImportError:
+        raise ValueError("--workers / --scheduler need dask.distributed: pip install 'hwnas[dask]'") from None
+    return dask.distributed
+
+
+def check_cluster(workers: int, scheduler: str | None) -> None:
+    """Raise ValueError now, before any long work, if the cluster these options ask for cannot be had."""
+    if not wants_dask(workers, scheduler):
+        return
+    _distributed()
+    if scheduler:
+        with dask_client(workers, scheduler):
+            pass
+
+
 @contextlib.contextmanager
 def dask_client(workers: int, scheduler: str | None) -> Iterator[Any]:
     """A dask.distributed Client on `scheduler`, or on a LocalCluster of `workers` one-thread processes."""
-    try:
-        from dask.distributed import Client, LocalCluster
-    except ImportError:
-        raise ValueError("--workers / --scheduler need dask.distributed: pip install 'hwnas[dask]'") from None
+    distributed = _distributed()
     cluster = None
     if scheduler:
         try:
-            client = Client(scheduler, timeout=30)
+            client = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT_S)
         except OSError as err:
             raise ValueError(f"cannot reach the Dask scheduler at {scheduler!r}: {err}") from None
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
+        cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                           dashboard_address=None)
+        client = distributed.Client(cluster)
     try:
         yield client
     finally:

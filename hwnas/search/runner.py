@@ -93,26 +93,14 @@ def evaluation_runner(cfg: SearchConfig) -> Iterator[tuple[Any, int]]:
     if not cfg.scheduler and cfg.workers <= 1:
         yield None, 1
         return
-    from dask.distributed import Client, LocalCluster
     from pymoo.parallelization.dask import DaskParallelization
 
-    cluster = None
-    if cfg.scheduler:
-        try:
-            client = Client(cfg.scheduler, timeout=30)
-        except OSError as err:
-            raise ValueError(f"cannot reach the Dask scheduler at {cfg.scheduler!r}: {err}") from None
-    else:
-        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
-    try:
+    from hwnas.export.parallel import dask_client
+
+    with dask_client(cfg.workers, cfg.scheduler) as client:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         log.info("evaluating through Dask (%s, %d workers)", client.scheduler.address, n_workers)
         yield DaskParallelization(client), n_workers
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _make_nsga2(problem: HWNASProblem, cfg: SearchConfig) -> Any:
