@@ -62,13 +62,7 @@ while True:
 def held_out(profile: DeviceProfile, n: int, seed: int) -> list:
     """n architectures of the profile's space it never timed."""
     seen = {e["arch_id"] for e in profile.calibration + profile.validation_set} | {profile.sentinel.get("arch_id")}
-    space, rng, out = SearchSpace(profile.macro), np.random.default_rng(seed), []
-    while len(out) < n:
-        g = space.sample(rng)
-        if g.arch_id not in seen:
-            seen.add(g.arch_id)
-            out.append(g)
-    return out
+    return SearchSpace(profile.macro).sample_distinct(np.random.default_rng(seed), n, exclude=seen)
 
 
 def figures(records: list, cfg: timer.TimingConfig, keys: list[str], predicted: np.ndarray, sentinel_ref: float) -> dict:

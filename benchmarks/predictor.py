@@ -213,12 +213,7 @@ def main() -> None:
     profile = DeviceProfile.load(path)
     seen = {e["arch_id"] for e in profile.calibration + profile.validation_set} | {profile.sentinel.get("arch_id")}
     space, rng = SearchSpace(profile.macro, depth=args.depth), np.random.default_rng(args.seed)
-    genotypes: list = []
-    while len(genotypes) < args.n:
-        g = space.sample(rng)
-        if g.arch_id not in seen:
-            seen.add(g.arch_id)
-            genotypes.append(g)
+    genotypes = space.sample_distinct(rng, args.n, exclude=seen)
 
     threads = args.threads or profile.device["threads"]
     if args.plain:

@@ -90,13 +90,8 @@ def random_cells(n: int, weak: int, macro: MacroConfig, seed: int = 1234) -> tup
 
 def distinct_draws(space: SearchSpace, rng: np.random.Generator, n: int, start: list[Genotype] = ()) -> list[Genotype]:
     """`start` followed by uniform draws of `space` with new arch_ids until there are n."""
-    cells, seen = list(start), {g.arch_id for g in start}
-    while len(cells) < n:
-        g = space.sample(rng)
-        if g.arch_id not in seen:
-            seen.add(g.arch_id)
-            cells.append(g)
-    return cells
+    start = list(start)
+    return start + space.sample_distinct(rng, n - len(start), exclude={g.arch_id for g in start})
 
 
 def elastic_cells(n: int, macro: MacroConfig, resolutions: list[int], seed: int = 1234) -> list[Genotype]:

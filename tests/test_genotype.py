@@ -184,3 +184,19 @@ def test_elastic_width_space_round_trips_and_samples_every_width(rng):
     narrow = next(g for g in (space.sample(rng) for _ in range(50)) if g.width)
     with pytest.raises(ValueError, match="keeps every stage at full width"):
         SearchSpace(MacroConfig(C=4, layers=5, resolution=8), resolutions=[6, 8], depth=True).encode(narrow)
+
+
+def test_sample_distinct_draws_new_ids_outside_exclude(tiny_macro) -> None:
+    space = SearchSpace(tiny_macro)
+    first = space.sample_distinct(np.random.default_rng(0), 5)
+    assert len({g.arch_id for g in first}) == 5
+    again = space.sample_distinct(np.random.default_rng(0), 5, exclude={first[0].arch_id})
+    assert first[0].arch_id not in {g.arch_id for g in again} and again[:4] == first[1:]
+
+
+def test_sample_distinct_says_when_the_space_runs_dry(tiny_macro, monkeypatch) -> None:
+    space = SearchSpace(tiny_macro)
+    one = space.sample(np.random.default_rng(0))
+    monkeypatch.setattr(space, "sample", lambda rng: one)
+    with pytest.raises(ValueError, match="only 1 of 2"):
+        space.sample_distinct(np.random.default_rng(0), 2)

@@ -49,13 +49,7 @@ def sample_sets(macro: MacroConfig, n_cal: int, n_val: int, seed: int, depth: bo
     """Random calibration and held-out validation genotypes (of every depth and width if asked), disjoint from each
     other and the sentinel."""
     space, rng = SearchSpace(macro, depth=depth, width=width), np.random.default_rng(seed)
-    seen = {sentinel_genotype(macro).arch_id}
-    out: list[Genotype] = []
-    while len(out) < n_cal + n_val:
-        g = space.sample(rng)
-        if g.arch_id not in seen:
-            seen.add(g.arch_id)
-            out.append(g)
+    out = space.sample_distinct(rng, n_cal + n_val, exclude={sentinel_genotype(macro).arch_id})
     return out[:n_cal], out[n_cal:]
 
 

@@ -5,7 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -378,3 +378,17 @@ class SearchSpace:
         for i in range(len(x), self.n_var):
             x.append(int(rng.integers(xl[i], xu[i] + 1)))
         return self.decode(x)
+
+    def sample_distinct(self, rng: np.random.Generator, n: int, exclude: Iterable[str] = ()) -> list[Genotype]:
+        """n uniform draws with distinct arch_ids, none of them in `exclude` (ValueError if the space runs out)."""
+        seen, out = set(exclude), []
+        for _ in range(1000 * (n + 1)):  # the space is vast; only a degenerate one runs dry
+            if len(out) >= n:
+                return out
+            g = self.sample(rng)
+            if g.arch_id not in seen:
+                seen.add(g.arch_id)
+                out.append(g)
+        if len(out) >= n:
+            return out
+        raise ValueError(f"found only {len(out)} of {n} distinct architectures in this space")
