@@ -266,6 +266,7 @@ def ranking(args: argparse.Namespace) -> dict:
                 return
             t1 = time.perf_counter()
             g = supernet.derive()
+            rows = members + ([len(cells)] if cfg.epochs else [])  # the derived cell, when there is one, comes last
             genos = [cells[i] for i in members] + ([g] if cfg.epochs else [])
             snap = snapshots.setdefault(epoch, {"derived": g, "estimate_wall_s": 0.0})
             splits = splits_at(data, supernet.macro.resolution) if args.few_shot else data
@@ -274,7 +275,7 @@ def ranking(args: argparse.Namespace) -> dict:
                 for name, values in (("error", est.error(genos)), ("loss", est.loss(genos))):
                     # Negated so that, like the ground truth, higher is better.
                     column = snap.setdefault(f"{name}_{bn}", np.zeros(len(cells) + bool(cfg.epochs)))
-                    column[members + ([len(cells)] if cfg.epochs else [])] = -values
+                    column[rows] = -values
             snap["estimate_wall_s"] += time.perf_counter() - t1
             logging.info("estimates after epoch %d (%.0f s): acc %s", epoch, time.perf_counter() - t1,
                          np.round(snap["error_recal"] + 1, 4).tolist())

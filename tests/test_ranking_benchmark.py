@@ -66,7 +66,6 @@ def test_tiny_single_path_run_with_cache(ranking, tmp_path):
     assert set(r["target_split_half"]) == {"kendall_min", "met", "rule"}
 
 
-
 def test_few_shot_estimates_every_cell_with_its_resolutions_supernet(ranking, tmp_path):
     out = tmp_path / "r.json"
     argv = ["--cell-set", "elastic", "--cells", "4", "--resolutions", "6", "--resolution", "8", "--seeds", "2",
@@ -82,6 +81,7 @@ def test_few_shot_estimates_every_cell_with_its_resolutions_supernet(ranking, tm
 def test_few_shot_needs_an_elastic_single_path_set(ranking):
     with pytest.raises(SystemExit):
         ranking.main(["--cell-set", "random", "--few-shot"])
+
 
 def test_ground_truth_on_a_local_cluster_equals_in_process(ranking, tiny_spec, tiny_macro, tmp_path,
                                                           one_torch_thread):

@@ -384,11 +384,11 @@ class SearchSpace:
         seen, out = set(exclude), []
         for _ in range(1000 * (n + 1)):  # the space is vast; only a degenerate one runs dry
             if len(out) >= n:
-                return out
+                break
             g = self.sample(rng)
             if g.arch_id not in seen:
                 seen.add(g.arch_id)
                 out.append(g)
-        if len(out) >= n:
-            return out
-        raise ValueError(f"found only {len(out)} of {n} distinct architectures in this space")
+        if len(out) < n:
+            raise ValueError(f"found only {len(out)} of {n} distinct architectures in this space")
+        return out
