@@ -4,6 +4,8 @@
 //                       dilation d) of relu(x) (relu_input) or x; x and the result are (N, C, H, W) tensors
 //                       in channels-last memory, the weight is (C, 1, k, k). Same values as hwnas::dwconv.
 // dwconv_nhwc_backward  (grad_input, grad_weight) of dwconv_nhwc.
+// pool3x3_nhwc          3x3 max or average pooling (padding 1, stride 1 or 2), and its backward.
+// bn_nhwc, cat_relu_nhwc  training-mode BatchNorm; relu(cat(xs, dim=1)); and their backwards.
 //
 // In NHWC a pixel's channels are contiguous, so every kernel tap is one vector multiply-add over C
 // channels; the batch is split over threads (one parallel region per call), each thread working on
@@ -375,7 +377,140 @@ void cat_relu_backward_kernel(const at::Tensor& g, const at::Tensor& out, std::v
   });
 }
 
+// 3x3 pooling with padding 1, stride 1 or 2, of NHWC tensors: the maximum (padding never wins; NaN does, as
+// in ATen) or the mean over the in-bounds taps (count_include_pad=False, the search space's avg_pool_3x3).
+// A window's taps are whole channel vectors, so each tap is one vector max or add. The max backward finds
+// each window's winner again from x (the first maximum in row-major order, ATen's choice) instead of reading
+// ATen's int64 index per output value, and adds the output gradient there; the average backward gathers,
+// for each input pixel, the output gradients of the windows that cover it, so grad_input is written once.
+struct PoolGeom {
+  int64_t n, c, h, w, s, ho, wo;
+  PoolGeom(const at::Tensor& x, int64_t s_)
+      : n(x.size(0)), c(x.size(1)), h(x.size(2)), w(x.size(3)), s(s_), ho(out_size(x.size(2), s_)),
+        wo(out_size(x.size(3), s_)) {}
+  // The input rows (or columns) window o covers: [o * s - 1, o * s + 1] clipped to [0, size).
+  int64_t lo(int64_t o) const { return std::max<int64_t>(o * s - 1, 0); }
+  int64_t hi(int64_t o, int64_t size) const { return std::min<int64_t>(o * s + 1, size - 1); }
+};
+
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (b > a || std::isnan(b)) ? b : a;
+}
+
+template <typename T, bool MAX>
+void pool_forward_kernel(const T* xd, T* od, const PoolGeom& g) {
+  const int64_t c = g.c;
+  at::parallel_for(0, g.n * g.ho, std::max<int64_t>(1, 16384 / (g.wo * c)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {  // one output row of one image
+      const T* x = xd + (r / g.ho) * g.h * g.w * c;
+      const int64_t oi = r % g.ho, i0 = g.lo(oi), i1 = g.hi(oi, g.h);
+      T* o = od + r * g.wo * c;
+      for (int64_t oj = 0; oj < g.wo; ++oj, o += c) {
+        const int64_t j0 = g.lo(oj), j1 = g.hi(oj, g.w);
+        const T* first = x + (i0 * g.w + j0) * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) o[ch] = first[ch];
+        for (int64_t i = i0; i <= i1; ++i)
+          for (int64_t j = (i == i0 ? j0 + 1 : j0); j <= j1; ++j) {
+            const T* t = x + (i * g.w + j) * c;
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) o[ch] = MAX ? max_nan(o[ch], t[ch]) : o[ch] + t[ch];
+          }
+        if (!MAX) {
+          const T count = static_cast<T>((i1 - i0 + 1) * (j1 - j0 + 1));
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) o[ch] /= count;
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void max_pool_backward_kernel(const T* gd, const T* xd, T* gxd, const PoolGeom& g) {
+  const int64_t c = g.c, plane = g.h * g.w * c;
+  at::parallel_for(0, g.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> best_v(c);
+    std::vector<int32_t> win_v(c);  // per channel: the winning tap's number in the window, row-major
+    T* best = best_v.data();
+    int32_t* win = win_v.data();
+    for (int64_t img = begin; img < end; ++img) {
+      const T* x = xd + img * plane;
+      const T* gr = gd + img * g.ho * g.wo * c;
+      T* gx = gxd + img * plane;
+      std::fill(gx, gx + plane, T(0));
+      for (int64_t oi = 0; oi < g.ho; ++oi)
+        for (int64_t oj = 0; oj < g.wo; ++oj, gr += c) {
+          const int64_t i0 = g.lo(oi), i1 = g.hi(oi, g.h), j0 = g.lo(oj), j1 = g.hi(oj, g.w);
+          const T* first = x + (i0 * g.w + j0) * c;
+#pragma omp simd
+          for (int64_t ch = 0; ch < c; ++ch) {
+            best[ch] = first[ch];
+            win[ch] = 0;
+          }
+          int32_t tap = 0;
+          for (int64_t i = i0; i <= i1; ++i)
+            for (int64_t j = (i == i0 ? j0 + 1 : j0); j <= j1; ++j) {
+              const T* v = x + (i * g.w + j) * c;
+              ++tap;
+#pragma omp simd
+              for (int64_t ch = 0; ch < c; ++ch) {
+                const bool wins = v[ch] > best[ch] || v[ch] != v[ch];  // NaN wins, as in ATen
+                best[ch] = wins ? v[ch] : best[ch];
+                win[ch] = wins ? tap : win[ch];
+              }
+            }
+          tap = 0;
+          for (int64_t i = i0; i <= i1; ++i)
+            for (int64_t j = j0; j <= j1; ++j, ++tap) {
+              T* d = gx + (i * g.w + j) * c;
+#pragma omp simd
+              for (int64_t ch = 0; ch < c; ++ch) d[ch] += win[ch] == tap ? gr[ch] : T(0);
+            }
+        }
+    }
+  });
+}
+
+template <typename T>
+void avg_pool_backward_kernel(const T* gd, T* gxd, const PoolGeom& g) {
+  const int64_t c = g.c;
+  // Input row i lies in the windows of output rows ceil((i - 1) / s) .. floor((i + 1) / s).
+  auto first_out = [&](int64_t i) { return std::max<int64_t>((i - 1 + g.s - 1) / g.s, 0); };
+  auto last_out = [&](int64_t i, int64_t n_out) { return std::min<int64_t>((i + 1) / g.s, n_out - 1); };
+  at::parallel_for(0, g.n * g.h, std::max<int64_t>(1, 16384 / (g.w * c)), [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(c);
+    for (int64_t r = begin; r < end; ++r) {  // one input row of one image
+      const int64_t img = r / g.h, i = r % g.h;
+      const T* gr = gd + img * g.ho * g.wo * c;
+      T* gx = gxd + r * g.w * c;
+      const int64_t oi0 = first_out(i), oi1 = last_out(i, g.ho);
+      for (int64_t j = 0; j < g.w; ++j, gx += c) {
+        const int64_t oj0 = first_out(j), oj1 = last_out(j, g.wo);
+        std::fill(acc.begin(), acc.end(), T(0));
+        for (int64_t oi = oi0; oi <= oi1; ++oi)
+          for (int64_t oj = oj0; oj <= oj1; ++oj) {
+            const T count = static_cast<T>((g.hi(oi, g.h) - g.lo(oi) + 1) * (g.hi(oj, g.w) - g.lo(oj) + 1));
+            const T* t = gr + (oi * g.wo + oj) * c;
+            T* a = acc.data();
+#pragma omp simd
+            for (int64_t ch = 0; ch < c; ++ch) a[ch] += t[ch] / count;
+          }
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) gx[ch] = acc[ch];
+      }
+    }
+  });
+}
+
 at::Tensor channels_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+
+void check_pool(const at::Tensor& x, int64_t stride) {
+  TORCH_CHECK(x.dim() == 4 && x.size(2) > 0 && x.size(3) > 0 && x.device().is_cpu(),
+              "hwnas.pool3x3_nhwc: x must be a non-empty (N, C, H, W) CPU tensor, got ", x.sizes());
+  TORCH_CHECK(stride == 1 || stride == 2, "hwnas.pool3x3_nhwc: stride must be 1 or 2, got ", stride);
+}
 
 void check_nhwc(const at::Tensor& x, const at::Tensor& weight, int64_t stride, int64_t dilation) {
   check_dwconv(x, weight, stride, dilation);
@@ -517,6 +652,38 @@ std::vector<at::Tensor> cat_relu_nhwc_backward_cpu(const at::Tensor& grad_out, c
   return grads;
 }
 
+// pool3x3_nhwc: max or average (count_include_pad=False) 3x3 pooling, padding 1, stride 1 or 2, channels-last.
+at::Tensor pool3x3_nhwc_cpu(const at::Tensor& x_, int64_t stride, bool is_max) {
+  check_pool(x_, stride);
+  const at::Tensor x = channels_last(x_);
+  const PoolGeom g(x, stride);
+  at::Tensor out = at::empty({g.n, g.c, g.ho, g.wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hwnas_pool3x3_nhwc_cpu", [&] {
+    if (is_max)
+      pool_forward_kernel<scalar_t, true>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g);
+    else
+      pool_forward_kernel<scalar_t, false>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g);
+  });
+  return out;
+}
+
+at::Tensor pool3x3_nhwc_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x_, int64_t stride, bool is_max) {
+  check_pool(x_, stride);
+  const at::Tensor x = channels_last(x_), gr = channels_last(grad_out);
+  const PoolGeom g(x, stride);
+  TORCH_CHECK(gr.dim() == 4 && gr.size(0) == g.n && gr.size(1) == g.c && gr.size(2) == g.ho && gr.size(3) == g.wo,
+              "hwnas.pool3x3_nhwc_backward: grad_out has shape ", gr.sizes(), " which does not match x ", x.sizes());
+  at::Tensor gx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hwnas_pool3x3_nhwc_backward_cpu", [&] {
+    if (is_max)
+      max_pool_backward_kernel<scalar_t>(gr.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                         gx.mutable_data_ptr<scalar_t>(), g);
+    else
+      avg_pool_backward_kernel<scalar_t>(gr.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), g);
+  });
+  return gx;
+}
+
 }  // namespace hwnas
 
 TORCH_LIBRARY_FRAGMENT(hwnas, m) {
@@ -526,6 +693,8 @@ TORCH_LIBRARY_FRAGMENT(hwnas, m) {
       " -> (Tensor, Tensor)");
   m.def("cat_relu_nhwc(Tensor[] xs) -> Tensor");
   m.def("cat_relu_nhwc_backward(Tensor grad_out, Tensor out, int[] channels) -> Tensor[]");
+  m.def("pool3x3_nhwc(Tensor x, int stride, bool is_max) -> Tensor");
+  m.def("pool3x3_nhwc_backward(Tensor grad_out, Tensor x, int stride, bool is_max) -> Tensor");
   m.def("bn_nhwc(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "bn_nhwc_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor invstd)"
@@ -539,4 +708,6 @@ TORCH_LIBRARY_IMPL(hwnas, CPU, m) {
   m.impl("cat_relu_nhwc", &hwnas::cat_relu_nhwc_cpu);
   m.impl("cat_relu_nhwc_backward", &hwnas::cat_relu_nhwc_backward_cpu);
   m.impl("bn_nhwc_backward", &hwnas::bn_nhwc_backward_cpu);
+  m.impl("pool3x3_nhwc", &hwnas::pool3x3_nhwc_cpu);
+  m.impl("pool3x3_nhwc_backward", &hwnas::pool3x3_nhwc_backward_cpu);
 }

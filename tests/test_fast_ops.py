@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from hwnas.config import MacroConfig
 from hwnas.space import Genotype
@@ -161,3 +162,22 @@ def test_even_factorized_reduce_gradchecks_and_matches_the_module(layout) -> Non
     assert torch.autograd.gradcheck(fast_ops._EvenFactorizedReduce.apply, (x, w1, w2))
     want = torch.cat([F.conv2d(x, w1, stride=2), F.conv2d(F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:], w2, stride=2)], 1)
     torch.testing.assert_close(fast_ops._EvenFactorizedReduce.apply(x, w1, w2), want)
+
+
+
+@needs_nhwc
+def test_fused_mode_pools_only_the_search_spaces_3x3_pools(monkeypatch) -> None:
+    """The 3x3 padding-1 pools run on hwnas::pool3x3_nhwc; any other pool keeps its own forward."""
+    from hwnas.kernels import nhwc
+
+    calls = []
+    monkeypatch.setattr(nhwc, "pool3x3_nhwc", lambda *a: calls.append(a[1:]) or torch.ops.hwnas.pool3x3_nhwc(*a))
+    pools = [nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+             nn.MaxPool2d(2), nn.AvgPool2d(3, 1, 1)]  # the last two: another window, another padding rule
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    for pool in pools:
+        torch.testing.assert_close(fast_ops._pool_forward_nhwc(pool, x), pool(x))
+    assert calls == [(2, True), (1, False)]
+    monkeypatch.setattr(nhwc, "HAS_POOL3X3", False)  # an extension built before the pool kernels: ATen's pools
+    torch.testing.assert_close(fast_ops._pool_forward_nhwc(pools[0], x), pools[0](x))
+    assert len(calls) == 2

@@ -122,3 +122,41 @@ def test_dwconv_nhwc_rejects_bad_arguments():
         nhwc.dwconv_nhwc(x, torch.randn(4, 1, 3, 3), 3, 1, True)
     with pytest.raises(RuntimeError, match="kernel sizes up to 7"):
         nhwc.dwconv_nhwc(x, torch.randn(4, 1, 9, 9), 1, 1, True)
+
+
+@pytest.mark.parametrize("is_max", [True, False], ids=["max", "avg"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(7, 6), (1, 1), (2, 3)])
+def test_pool3x3_nhwc_matches_aten(size, stride, is_max):
+    x = _cl(torch.randn(2, 5, *size, dtype=torch.float64)).requires_grad_()
+    want = F.max_pool2d(x, 3, stride, 1) if is_max else F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)
+    got = nhwc.pool3x3_nhwc(x, stride, is_max)
+    assert got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    g = torch.randn_like(want)
+    (got_gx,), (want_gx,) = torch.autograd.grad(got, x, g), torch.autograd.grad(want, x, g)
+    torch.testing.assert_close(got_gx, want_gx)
+    assert got_gx.is_contiguous(memory_format=CL)
+    assert torch.autograd.gradcheck(lambda t: nhwc.pool3x3_nhwc(t, stride, is_max), (x,))
+
+
+def test_max_pool3x3_nhwc_ties_and_nan_follow_aten():
+    x = _cl(torch.zeros(1, 2, 4, 4)).requires_grad_()  # every window a tie: the first tap wins
+    with torch.no_grad():
+        x[0, 1, 2, 2] = float("nan")
+    want = F.max_pool2d(x, 3, 1, 1)
+    got = nhwc.pool3x3_nhwc(x, 1, True)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    g = torch.rand_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0])
+
+
+def test_pool3x3_nhwc_opcheck_and_bad_arguments():
+    x = _cl(torch.randn(2, 16, 7, 9)).requires_grad_()
+    for stride in (1, 2):
+        for is_max in (True, False):
+            torch.library.opcheck(torch.ops.hwnas.pool3x3_nhwc.default, (x, stride, is_max))
+    with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
+        nhwc.pool3x3_nhwc(x, 3, True)
+    with pytest.raises(RuntimeError, match="does not match x"):
+        torch.ops.hwnas.pool3x3_nhwc_backward(torch.randn(2, 16, 3, 3), x.detach(), 1, False)

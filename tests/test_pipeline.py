@@ -89,6 +89,9 @@ def test_run_plans_by_data_set() -> None:
     quick = plan_for("fashion-mnist", quick=True)
     assert quick == MNIST_PLANS["quick"] and quick.search.max_params_m == 0.1
     assert plan_for("idx:/data/kmnist", quick=True).supernet.data == "idx:/data/kmnist"
+    full = plan_for("fashion-mnist")
+    assert full.supernet.all_resolutions == (28,) and full.supernet.macro == quick.supernet.macro.at_resolution(28)
+    assert full.train_seeds == 3 and full.search.max_params_m == 0.1
     for bad in ("cifar10:/x", "idx:", "mnist"):
         with pytest.raises(ValueError, match="plans for"):
             plan_for(bad)

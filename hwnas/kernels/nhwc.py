@@ -5,9 +5,11 @@ stride 1 or 2) on tensors in channels-last memory, which it keeps: the layout on
 and pools run fastest in, so a channels-last network needs no layout conversion around it.
 `batch_norm_nhwc` is a training-mode nn.BatchNorm2d forward (batch statistics, running statistics
 updated alike) on channels-last tensors in two passes over memory each way. `cat_relu_nhwc` is
-relu(cat(xs, dim=1)) in one pass, each input's gradient written in one pass back.
+relu(cat(xs, dim=1)) in one pass, each input's gradient written in one pass back. `pool3x3_nhwc` is the
+search space's 3x3 max or average pooling (padding 1, count_include_pad=False) without ATen's int64 indices.
 Used by hwnas.train.fast_ops ("fused" mode). Importing this module raises ImportError when hwnas._C is
-not built, or was built before these kernels existed.
+not built, or was built before these kernels existed; a build from before the pool kernels has
+`HAS_POOL3X3` False (the pools then stay on ATen).
 """
 from __future__ import annotations
 
@@ -131,3 +133,40 @@ def cat_relu_nhwc(xs: list[torch.Tensor]) -> torch.Tensor:
     """relu(torch.cat(xs, dim=1)) in channels-last memory, in one pass (and one pass back)."""
     return torch.ops.hwnas.cat_relu_nhwc(xs)
 
+
+# --------------------------------------------------------------------------------------------------
+# hwnas::pool3x3_nhwc: 3x3 max or average pooling, padding 1, stride 1 or 2
+
+
+HAS_POOL3X3 = hasattr(torch.ops.hwnas, "pool3x3_nhwc")
+
+
+def _pool3x3_nhwc_fake(x, stride, is_max):
+    ho, wo = _out_hw(x.shape[2], x.shape[3], stride)
+    return x.new_empty(x.shape[0], x.shape[1], ho, wo).contiguous(memory_format=torch.channels_last)
+
+
+def _pool3x3_nhwc_backward_fake(grad_out, x, stride, is_max):
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+def _pool_setup(ctx, inputs, output) -> None:
+    x, stride, is_max = inputs
+    ctx.save_for_backward(x)  # the average's backward reads only its shape; x is kept alive by its other readers
+    ctx.stride, ctx.is_max = stride, is_max
+
+
+def _pool_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.hwnas.pool3x3_nhwc_backward(grad, x, ctx.stride, ctx.is_max), None, None
+
+
+if HAS_POOL3X3:
+    torch.library.register_fake("hwnas::pool3x3_nhwc", _pool3x3_nhwc_fake)
+    torch.library.register_fake("hwnas::pool3x3_nhwc_backward", _pool3x3_nhwc_backward_fake)
+    torch.library.register_autograd("hwnas::pool3x3_nhwc", _pool_backward, setup_context=_pool_setup)
+
+
+def pool3x3_nhwc(x: torch.Tensor, stride: int, is_max: bool) -> torch.Tensor:
+    """3x3 max (is_max) or average (count_include_pad=False) pooling with padding 1, channels-last."""
+    return torch.ops.hwnas.pool3x3_nhwc(x, stride, is_max)

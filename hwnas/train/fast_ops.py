@@ -10,7 +10,9 @@ Eager PyTorch spends most of a CPU training step in the depthwise convolutions' 
   the last is read only by ReLU-first preprocessing, and ReLU is idempotent), one ReLU per tensor where
   several preprocessings read it (the stem output), the stem's BatchNorm on hwnas::bn_nhwc too, and
   FactorizedReduce at even sizes without its padded copy and with a backward that writes x's gradient once
-  (autograd's builds it three times over, from freshly zeroed tensors). Falls back to "channels_last" when hwnas._C lacks these kernels.
+  (autograd's builds it three times over, from freshly zeroed tensors), and the 3x3 max and average pools on
+  hwnas::pool3x3_nhwc (ATen's max pool writes and reads an int64 index per output value). Falls back to
+  "channels_last" when hwnas._C lacks these kernels.
 * "channels_last": plain ATen ops on NHWC tensors.
 * "compiled": SepConv/DilConv depthwise convs on hwnas::dwconv (NCHW), 1x1 convs as bmm.
 * "eager": nothing changes.
@@ -176,32 +178,40 @@ def _factorized_reduce_forward_nhwc(self: nn.Module, x: torch.Tensor) -> torch.T
     return batch_norm_nhwc(self.bn, _EvenFactorizedReduce.apply(x, self.conv_1.weight, self.conv_2.weight))
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last if x is laid out so, else contiguous."""
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 class _EvenFactorizedReduce(torch.autograd.Function):
     """cat(conv1x1(x at (2i, 2j), w1), conv1x1(x at (2i+1, 2j+1), w2)) for even H and W.
 
     Autograd's own backward builds x's gradient three times over (the stride-2 convolution's, and a zero
     tensor per slice of the shifted path's view, then their sum); those zero fills of fresh full-size
     tensors cost more than the convolutions. Here the four interleaved quarters of x's gradient are each
-    written once: the two convolutions' input gradients and two zero quarters.
+    written once: the two convolutions' input gradients and two zero quarters. The two subsampled quarters of
+    x the convolutions read are dense copies either way (oneDNN reads no strided input); the forward keeps
+    them for the backward, which would otherwise copy them again.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        ctx.save_for_backward(x, w1, w2)
-        return torch.cat([F.conv2d(x[:, :, ::2, ::2], w1), F.conv2d(x[:, :, 1::2, 1::2], w2)], dim=1)
+        layout = _layout(x)
+        even, odd = (x[:, :, r::2, r::2].contiguous(memory_format=layout) for r in (0, 1))
+        ctx.save_for_backward(even, odd, w1, w2)
+        ctx.x_shape = x.shape
+        return torch.cat([F.conv2d(even, w1), F.conv2d(odd, w2)], dim=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        x, w1, w2 = ctx.saved_tensors
-        n, c, h, w = x.shape
+        even, odd, w1, w2 = ctx.saved_tensors
+        n, c, h, w = ctx.x_shape
         grads = grad.split([w1.shape[0], w2.shape[0]], dim=1)
-        grad_x = torch.empty_like(x)
+        # In x's own layout (the quarters'), so that each quarter's gradient copies in along channels.
+        grad_x = torch.empty((n, c, h, w), dtype=even.dtype, device=even.device, memory_format=_layout(even))
         quarters = grad_x.view(n, c, h // 2, 2, w // 2, 2)  # splitting H and W is a view in any layout
-        # In x's own layout, so that each quarter's gradient comes back in it and copies in along channels.
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         grad_ws = []
-        for (row, col), g, weight in zip(((0, 0), (1, 1)), grads, (w1, w2)):
-            part = x[:, :, row::2, col::2].contiguous(memory_format=layout)
+        for (row, col), g, part, weight in zip(((0, 0), (1, 1)), grads, (even, odd), (w1, w2)):
             gx, gw, _ = torch.ops.aten.convolution_backward(
                 g, part, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                 [ctx.needs_input_grad[0], True, False],
@@ -212,6 +222,29 @@ class _EvenFactorizedReduce(torch.autograd.Function):
         quarters[:, :, :, 0, :, 1].zero_()
         quarters[:, :, :, 1, :, 0].zero_()
         return grad_x if ctx.needs_input_grad[0] else None, grad_ws[0], grad_ws[1]
+
+
+def _is_pool3x3(pool: nn.Module) -> bool:
+    """True for the search space's pools: 3x3, padding 1, stride 1 or 2 (averages without the padding)."""
+    def one(v) -> int | None:
+        v = tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        return v[0] if v[0] == v[1] else None
+
+    plain = (one(pool.kernel_size) == 3 and one(pool.padding) == 1 and one(pool.stride) in (1, 2)
+             and not pool.ceil_mode)
+    if isinstance(pool, nn.MaxPool2d):
+        return plain and one(pool.dilation) == 1 and not pool.return_indices
+    return plain and not pool.count_include_pad and pool.divisor_override is None
+
+
+def _pool_forward_nhwc(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """3x3 max or average pooling of a channels-last CPU tensor on hwnas::pool3x3_nhwc (no int64 indices)."""
+    from hwnas.kernels import nhwc
+
+    if not nhwc.HAS_POOL3X3 or x.device.type != "cpu" or x.dim() != 4 or not _is_pool3x3(self):
+        return type(self).forward(self, x)
+    stride = self.stride if isinstance(self.stride, int) else self.stride[0]
+    return nhwc.pool3x3_nhwc(x, stride, isinstance(self, nn.MaxPool2d))
 
 
 def _stem_bn_forward_nhwc(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -229,6 +262,8 @@ _FORWARDS_NHWC = (
     (DilConv, _sep_dil_forward_nhwc),
     (ReLUConvBN, _relu_conv_bn_forward_nhwc),
     (FactorizedReduce, _factorized_reduce_forward_nhwc),
+    (nn.MaxPool2d, _pool_forward_nhwc),
+    (nn.AvgPool2d, _pool_forward_nhwc),
 )
 _USES_RELU_CACHE = (ReLUConvBN, FactorizedReduce)
 MODES = ("eager", "compiled", "channels_last", "fused")
@@ -243,7 +278,7 @@ def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
 def fast_training(net: nn.Module, mode: str = DEFAULT_MODE) -> Iterator[str]:
     """Within the block `net` trains the `mode` way (same parameters, same results); yields the mode used.
 
-    "fused": channels-last tensors with the depthwise convs, BatchNorms and cell concatenations on
+    "fused": channels-last tensors with the depthwise convs, BatchNorms, pools and cell concatenations on
     hwnas._C's channels-last kernels (falls back to "channels_last" without them). "compiled":
     SepConv/DilConv depthwise convs on hwnas::dwconv and 1x1 convs as bmm (falls back to "eager" when
     hwnas._C is not built). "channels_last": plain ATen ops on NHWC tensors (oneDNN's native layout).
