@@ -395,7 +395,7 @@ struct PoolGeom {
 
 template <typename T>
 inline T max_nan(T a, T b) {
-  return (b > a || std::isnan(b)) ? b : a;
+  return (b > a || b != b) ? b : a;  // b != b: NaN (std::isnan here keeps the loop from vectorizing)
 }
 
 template <typename T, bool MAX>
@@ -456,7 +456,7 @@ void max_pool_backward_kernel(const T* gd, const T* xd, T* gxd, const PoolGeom& 
               ++tap;
 #pragma omp simd
               for (int64_t ch = 0; ch < c; ++ch) {
-                const bool wins = v[ch] > best[ch] || v[ch] != v[ch];  // NaN wins, as in ATen
+                const bool wins = v[ch] > best[ch] || v[ch] != v[ch];  // NaN wins, as in ATen's max pool
                 best[ch] = wins ? v[ch] : best[ch];
                 win[ch] = wins ? tap : win[ch];
               }
@@ -491,11 +491,11 @@ void avg_pool_backward_kernel(const T* gd, T* gxd, const PoolGeom& g) {
         std::fill(acc.begin(), acc.end(), T(0));
         for (int64_t oi = oi0; oi <= oi1; ++oi)
           for (int64_t oj = oj0; oj <= oj1; ++oj) {
-            const T count = static_cast<T>((g.hi(oi, g.h) - g.lo(oi) + 1) * (g.hi(oj, g.w) - g.lo(oj) + 1));
+            const T inv = T(1) / static_cast<T>((g.hi(oi, g.h) - g.lo(oi) + 1) * (g.hi(oj, g.w) - g.lo(oj) + 1));
             const T* t = gr + (oi * g.wo + oj) * c;
             T* a = acc.data();
 #pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) a[ch] += t[ch] / count;
+            for (int64_t ch = 0; ch < c; ++ch) a[ch] += t[ch] * inv;
           }
 #pragma omp simd
         for (int64_t ch = 0; ch < c; ++ch) gx[ch] = acc[ch];

@@ -20,7 +20,8 @@ Eager PyTorch spends most of a CPU training step in the depthwise convolutions' 
 Measured side by side (python benchmarks/train_speed.py --rounds 9 --threads 2: C=16, 5 cells, 28x28, batch
 128, forward + backward + SGD step, interleaved rounds, medians; AMD EPYC, 2 cores, quiet, 2026-12-05):
 fused 0.319 s = 2.98x eager, channels_last 1.81x, compiled 1.38x (benchmarks/results/train_speed_cpu.json);
-a second quiet run 2.71x (train_speed_cpu_rerun.json); docs/results.md has the history and 1-thread figures.
+a second quiet run 2.71x (train_speed_cpu_rerun.json); with the pool kernels, on a 2-core Intel Xeon, 3.11x and
+2.80x (train_speed_cpu_xeon*.json; the code before them 2.81-2.96x there). docs/results.md has the history.
 The modules, their parameters and state_dict stay untouched: only the instances' `forward` is swapped
 for the duration (and the parameters are channels-last inside the block), so what is exported afterwards
 is the plain nn graph. Without the compiled extension "compiled" is eager and "fused" is channels_last.
