@@ -393,9 +393,11 @@ struct PoolGeom {
   int64_t hi(int64_t o, int64_t size) const { return std::min<int64_t>(o * s + 1, size - 1); }
 };
 
+// Whether v replaces best as a window's maximum: larger, or NaN (ATen's max pool lets NaN win).
+// v != v is the NaN test: std::isnan here keeps the loops from vectorizing.
 template <typename T>
-inline T max_nan(T a, T b) {
-  return (b > a || b != b) ? b : a;  // b != b: NaN (std::isnan here keeps the loop from vectorizing)
+inline bool beats(T v, T best) {
+  return v > best || v != v;
 }
 
 template <typename T, bool MAX>
@@ -415,7 +417,7 @@ void pool_forward_kernel(const T* xd, T* od, const PoolGeom& g) {
           for (int64_t j = (i == i0 ? j0 + 1 : j0); j <= j1; ++j) {
             const T* t = x + (i * g.w + j) * c;
 #pragma omp simd
-            for (int64_t ch = 0; ch < c; ++ch) o[ch] = MAX ? max_nan(o[ch], t[ch]) : o[ch] + t[ch];
+            for (int64_t ch = 0; ch < c; ++ch) o[ch] = MAX ? (beats(t[ch], o[ch]) ? t[ch] : o[ch]) : o[ch] + t[ch];
           }
         if (!MAX) {
           const T count = static_cast<T>((i1 - i0 + 1) * (j1 - j0 + 1));
@@ -456,7 +458,7 @@ void max_pool_backward_kernel(const T* gd, const T* xd, T* gxd, const PoolGeom& 
               ++tap;
 #pragma omp simd
               for (int64_t ch = 0; ch < c; ++ch) {
-                const bool wins = v[ch] > best[ch] || v[ch] != v[ch];  // NaN wins, as in ATen's max pool
+                const bool wins = beats(v[ch], best[ch]);
                 best[ch] = wins ? v[ch] : best[ch];
                 win[ch] = wins ? tap : win[ch];
               }

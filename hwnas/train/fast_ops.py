@@ -200,7 +200,7 @@ class _EvenFactorizedReduce(torch.autograd.Function):
         layout = _layout(x)
         even, odd = (x[:, :, r::2, r::2].contiguous(memory_format=layout) for r in (0, 1))
         ctx.save_for_backward(even, odd, w1, w2)
-        ctx.x_shape = x.shape
+        ctx.x_shape, ctx.layout = x.shape, layout
         return torch.cat([F.conv2d(even, w1), F.conv2d(odd, w2)], dim=1)
 
     @staticmethod
@@ -208,8 +208,8 @@ class _EvenFactorizedReduce(torch.autograd.Function):
         even, odd, w1, w2 = ctx.saved_tensors
         n, c, h, w = ctx.x_shape
         grads = grad.split([w1.shape[0], w2.shape[0]], dim=1)
-        # In x's own layout (the quarters'), so that each quarter's gradient copies in along channels.
-        grad_x = torch.empty((n, c, h, w), dtype=even.dtype, device=even.device, memory_format=_layout(even))
+        # In x's own layout, so that each quarter's gradient copies in along channels.
+        grad_x = torch.empty((n, c, h, w), dtype=even.dtype, device=even.device, memory_format=ctx.layout)
         quarters = grad_x.view(n, c, h // 2, 2, w // 2, 2)  # splitting H and W is a view in any layout
         grad_ws = []
         for (row, col), g, part, weight in zip(((0, 0), (1, 1)), grads, (even, odd), (w1, w2)):
